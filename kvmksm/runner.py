@@ -1,0 +1,185 @@
+"""One bench run: validate, lock, save knobs, run the workload under the sampler, and undo
+everything on every exit path (normal end, failed check, exception, Ctrl-C, SIGTERM)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+
+from kvmksm import scenario as scenario_mod
+from kvmksm.errors import Interrupted, UserError, WorkloadFailed
+from kvmksm.hostfs import HostFS
+from kvmksm.hostinfo import host_facts
+from kvmksm.hoststate import ActiveRun, HostLock
+from kvmksm.ksm import Ksm
+from kvmksm.record import RunRecord
+from kvmksm.sampler import Sampler
+from kvmksm.scenario import ProcessesWorkload, Scenario
+from kvmksm.workloads.base import RunContext, Workload
+
+
+@dataclass
+class BenchResult:
+    status: str  # passed | failed | error | interrupted
+    record_dir: Path
+    checks: list[dict[str, Any]]
+    error: str | None
+
+    @property
+    def exit_code(self) -> int:
+        return {"passed": 0, "interrupted": 130}.get(self.status, 1)
+
+
+def make_workload(sc: Scenario, connect: str | None = None) -> Workload:
+    if isinstance(sc.workload, ProcessesWorkload):
+        from kvmksm.workloads.processes import ProcessesRun
+
+        return ProcessesRun(sc.workload)
+    from kvmksm.workloads.vms import VmsRun  # libvirt is only needed for VM scenarios
+
+    return VmsRun(sc.workload, connect=connect)
+
+
+def bench(
+    sc: Scenario,
+    output: Path,
+    scenario_file: str | None = None,
+    connect: str | None = None,
+    fs: HostFS | None = None,
+    console: Console | None = None,
+    workload: Workload | None = None,
+) -> BenchResult:
+    fs = fs or HostFS()
+    console = console or Console(stderr=True)
+    ksm = Ksm(fs)
+    # Everything below until the lock only reads the host.
+    ksm.require()
+    ksm.check_knobs(sc.knobs, where=f"{scenario_file or sc.name}: knobs: ")
+    workload = workload or make_workload(sc, connect)
+    workload.preflight(fs, ksm)  # raises UserError; reads the host, changes nothing
+    lock = HostLock()
+    lock.acquire(f"scenario {sc.name}")
+    try:
+        return _run_locked(sc, output, scenario_file, fs, ksm, console, workload)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    sc: Scenario,
+    output: Path,
+    scenario_file: str | None,
+    fs: HostFS,
+    ksm: Ksm,
+    console: Console,
+    workload: Workload,
+) -> BenchResult:
+    record = RunRecord.create(output, sc.model_dump(mode="json"), scenario_file)
+    active = ActiveRun()
+    ctx = RunContext(fs=fs, ksm=ksm, record=record, active=active, scenario=sc, console=console)
+    saved = ksm.read_knobs()
+    active.start(record.dir, saved)
+    record.update(host=host_facts(fs), knobs_before=saved, counters_before=ksm.read_counters())
+    status, error = "error", None
+    sampler: Sampler | None = None
+    with _signals_raise():
+        try:
+            record.event("run_start", f"scenario {sc.name}")
+            if ksm.read("run") != 0:
+                ksm.write("run", 0)  # the workload decides when ksmd runs
+            record.event("ksm_off", "run=0")
+            ksm.set_knobs(sc.knobs)
+            record.update(knobs_during=ksm.read_knobs())
+            record.event("knobs_set", ", ".join(f"{k}={v}" for k, v in sc.knobs.items()))
+            sampler = Sampler(fs, record, sc.sample_interval, workload.probes())
+            sampler.start()
+            workload.run(ctx)
+            status = "passed" if ctx.failed_checks == 0 else "failed"
+        except (KeyboardInterrupt, Interrupted) as e:
+            status = "interrupted"
+            error = "interrupted by SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
+            record.event("interrupted", error)
+        except WorkloadFailed as e:
+            status, error = "failed", str(e)
+            record.event("error", error)
+        except Exception as e:
+            status, error = "error", f"{type(e).__name__}: {e}"
+            record.event("error", error, traceback=traceback.format_exc())
+        finally:
+            # Teardown must finish even if the user presses Ctrl-C again.
+            with _signals_ignored():
+                problems = _teardown(ctx, workload, sampler, saved)
+                if problems:
+                    record.event("teardown_problems", "; ".join(problems))
+                    if status == "passed":
+                        status, error = "error", "teardown: " + "; ".join(problems)
+                record.event("run_end", status)
+                record.finish(status, error)
+                active.finish()
+    return BenchResult(status, record.dir, record.data["checks"], error)
+
+
+def _teardown(
+    ctx: RunContext, workload: Workload, sampler: Sampler | None, saved: dict[str, Any]
+) -> list[str]:
+    problems: list[str] = []
+    if sampler is not None:
+        sampler.stop()
+        if sampler.errors:
+            ctx.record.event("sampler_errors", "; ".join(sampler.errors[:5]))
+    ctx.record.event("teardown", "undoing what the run created")
+    try:
+        problems += workload.teardown(ctx)
+    except Exception as e:  # teardown must go on to restore the knobs
+        problems.append(f"workload teardown: {e}")
+    problems += ctx.ksm.restore(saved)
+    after = ctx.ksm.read_knobs()
+    ctx.record.update(knobs_after=after)
+    diff = {k: (v, after.get(k)) for k, v in saved.items() if after.get(k) != v}
+    if diff:
+        problems.append(f"knobs not restored: {diff}")
+    else:
+        ctx.record.event("knobs_restored", f"{len(saved)} knobs as before")
+    return problems
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so the finally blocks restore the host."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def load_scenario(arg: str | None) -> tuple[Scenario, str]:
+    path = scenario_mod.resolve_path(arg)
+    return scenario_mod.load(path), str(path)
+
+
+__all__ = ["bench", "BenchResult", "load_scenario", "UserError"]

@@ -1,0 +1,1 @@
+"""What fills memory during a run: host processes or libvirt guests."""

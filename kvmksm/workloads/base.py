@@ -1,0 +1,73 @@
+"""What the runner gives a workload, and what a workload gives the runner."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+
+from kvmksm import checks
+from kvmksm.hostfs import HostFS
+from kvmksm.hoststate import ActiveRun
+from kvmksm.ksm import Ksm
+from kvmksm.record import RunRecord
+from kvmksm.sampler import Probe
+from kvmksm.scenario import Range, Scenario
+
+
+@dataclass
+class RunContext:
+    fs: HostFS
+    ksm: Ksm
+    record: RunRecord
+    active: ActiveRun
+    scenario: Scenario
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    failed_checks: int = 0
+
+    def check(self, label: str, expect: Mapping[str, int | Range]) -> bool:
+        """Read every KSM file now and judge the expectations; recorded in run.json."""
+        if not expect:
+            return True
+        observed = self.ksm.read_all()
+        ok = True
+        for c in checks.judge(label, expect, observed):
+            self.record.check(c["name"], c["expected"], c["observed"], c["passed"])
+            if not c["passed"]:
+                ok = False
+                self.failed_checks += 1
+        return ok
+
+    @contextlib.contextmanager
+    def phase(self, text: str) -> Iterator[Any]:
+        """A spinner with a status line on a terminal; silent otherwise."""
+        if self.console.is_terminal:
+            with self.console.status(text) as status:
+                yield status.update
+        else:
+            yield lambda *a, **k: None
+
+    def say(self, text: str) -> None:
+        if self.console.is_terminal:
+            self.console.log(text)
+
+
+class Workload:
+    """Base class: preflight checks the host without changing it; run drives the timeline;
+    teardown undoes everything run created and never raises."""
+
+    def preflight(self, fs: HostFS, ksm: Ksm) -> None:
+        """Check that the host can run this (raise UserError); read only, change nothing."""
+        return None
+
+    def probes(self) -> list[Probe]:
+        return []
+
+    def run(self, ctx: RunContext) -> None:
+        raise NotImplementedError
+
+    def teardown(self, ctx: RunContext) -> list[str]:
+        return []

@@ -1,0 +1,190 @@
+"""The processes workload: N host processes with MADV_MERGEABLE mappings filled with known
+byte patterns round by round, as LTP's ksm tests do, with exact expectations per round."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from kvmksm.cgroup import MemoryCgroup
+from kvmksm.errors import UserError, WorkloadFailed
+from kvmksm.hostfs import HostFS
+from kvmksm.ksm import Ksm
+from kvmksm.scenario import FillStep, ProcessesWorkload, StopStep, UnmergeStep
+from kvmksm.units import format_size
+from kvmksm.workloads.base import RunContext, Workload
+from kvmksm.workloads.filler import child_main
+
+
+class ProcessesRun(Workload):
+    def __init__(self, spec: ProcessesWorkload) -> None:
+        self.spec = spec
+        self.children: list[tuple[BaseProcess, Connection]] = []
+        self.cgroup: MemoryCgroup | None = None
+
+    def preflight(self, fs: HostFS, ksm: Ksm) -> None:
+        need = self.spec.count * self.spec.size
+        avail = fs.meminfo().get("MemAvailable", 0) * 1024
+        if need > 0.9 * avail:
+            raise UserError(
+                f"workload: {self.spec.count} x {format_size(self.spec.size)} = "
+                f"{format_size(need)} does not fit in 90% of available memory "
+                f"({format_size(avail)})"
+            )
+        have = set(ksm.files())
+        for i, step in enumerate(self.spec.steps):
+            for key in step.expect:
+                if key not in have:
+                    raise UserError(
+                        f"workload.steps[{i}].expect.{key}: this kernel has no such KSM file "
+                        f"({fs.path('sys/kernel/mm/ksm')})"
+                    )
+        if self.spec.cgroup:
+            # Constructing it checks that a memory controller exists; nothing is created yet.
+            MemoryCgroup(fs, "kvmksm-preflight", self.spec.cgroup.memory_limit)
+
+    def run(self, ctx: RunContext) -> None:
+        spec = self.spec
+        with ctx.phase(f"starting {spec.count} processes of {format_size(spec.size)}"):
+            self._start(ctx)
+        ctx.record.event(
+            "workload_start",
+            f"{spec.count} processes x {format_size(spec.size)}"
+            + (f" in memory cgroup v{self.cgroup.version}" if self.cgroup else ""),
+        )
+        for i, step in enumerate(spec.steps, 1):
+            if isinstance(step, FillStep):
+                label = f"step {i} fill {'/'.join(p.describe() for p in step.patterns)}"
+                self._fill(ctx, i, step)
+                if ctx.ksm.read("run") != 1:
+                    ctx.ksm.write("run", 1)
+                    ctx.record.event("ksm_on", "run=1", step=i)
+                with ctx.phase(f"{label}: waiting for {spec.full_scans} full scans"):
+                    try:
+                        waited = ctx.ksm.wait_full_scans(spec.full_scans, spec.scan_timeout)
+                    except TimeoutError as e:
+                        raise WorkloadFailed(f"{label}: {e}") from None
+                ctx.record.event(
+                    "scans_done", f"{spec.full_scans} full scans", step=i, seconds=waited
+                )
+            elif isinstance(step, UnmergeStep):
+                label = f"step {i} unmerge"
+                t = time.monotonic()
+                ctx.ksm.write("run", 2)  # returns once every merged page is split again
+                ctx.record.event("unmerge", "run=2", step=i, seconds=time.monotonic() - t)
+            elif isinstance(step, StopStep):
+                label = f"step {i} stop"
+                ctx.ksm.write("run", 0)
+                ctx.record.event("stop", "run=0", step=i)
+            ok = ctx.check(label, step.expect)
+            ctx.record.event("round_checked", label + (" passed" if ok else " FAILED"), step=i)
+            if spec.verify and not isinstance(step, StopStep):
+                self._verify(ctx, i)
+
+    # -- children -------------------------------------------------------------------
+    def _start(self, ctx: RunContext) -> None:
+        spec = self.spec
+        if spec.cgroup:
+            name = f"kvmksm-{ctx.record.dir.name}"
+            self.cgroup = MemoryCgroup(ctx.fs, name, spec.cgroup.memory_limit)
+            self.cgroup.create()
+            ctx.active.created("cgroup", path=self.cgroup.path)
+        mp = multiprocessing.get_context("spawn")  # fork is unsafe with the sampler thread
+        for i in range(spec.count):
+            parent, child = mp.Pipe()
+            proc = mp.Process(target=child_main, args=(child, spec.size, i), daemon=True)
+            proc.start()
+            child.close()
+            self.children.append((proc, parent))
+        for i, (_proc, conn) in enumerate(self.children):
+            pid = self._reply(conn, "ready", i, timeout=60)
+            if self.cgroup:
+                self.cgroup.add(pid)
+        ctx.record.update(
+            processes=[{"index": i, "pid": p.pid} for i, (p, _) in enumerate(self.children)]
+        )
+
+    def _reply(self, conn: Connection, want: str, index: int, timeout: float = 600) -> Any:
+        if not conn.poll(timeout):
+            raise WorkloadFailed(f"process {index} did not answer within {timeout:g}s")
+        try:
+            kind, value = conn.recv()
+        except EOFError:
+            proc = self.children[index][0]
+            proc.join(1)
+            why = _exit_reason(proc.exitcode)
+            raise WorkloadFailed(f"process {index} died ({why})") from None
+        if kind == "error":
+            raise WorkloadFailed(f"process {index} failed: {value.strip().splitlines()[-1]}")
+        if kind != want:
+            raise WorkloadFailed(f"process {index}: expected {want!r}, got {kind!r}")
+        return value
+
+    def _fill(self, ctx: RunContext, step_no: int, step: FillStep) -> None:
+        desc = ", ".join(p.describe() for p in step.patterns)
+        with ctx.phase(f"step {step_no}: filling {desc}"):
+            for (_, conn), pattern in zip(self.children, step.patterns, strict=True):
+                conn.send(("fill", (step_no, pattern.model_dump())))
+            seconds = [self._reply(c, "filled", i) for i, (_, c) in enumerate(self.children)]
+        ctx.record.event("round_filled", desc, step=step_no, seconds=round(max(seconds), 4))
+
+    def _verify(self, ctx: RunContext, step_no: int) -> None:
+        for _, conn in self.children:
+            conn.send(("verify", None))
+        bad = [
+            (i, off)
+            for i, (_, c) in enumerate(self.children)
+            if (off := self._reply(c, "verified", i)) is not None
+        ]
+        if bad:
+            i, off = bad[0]
+            ctx.record.check(
+                f"step {step_no}: memory intact",
+                "unchanged",
+                f"process {i} differs at {off}",
+                False,
+            )
+            ctx.failed_checks += 1
+            raise WorkloadFailed(
+                f"step {step_no}: process {i}'s memory changed at offset {off}: KSM must "
+                "never change data"
+            )
+        ctx.record.event("verified", f"{len(self.children)} processes intact", step=step_no)
+
+    def teardown(self, ctx: RunContext) -> list[str]:
+        problems: list[str] = []
+        for proc, conn in self.children:
+            try:
+                if proc.is_alive():
+                    conn.send(("exit", None))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        for proc, conn in self.children:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            conn.close()
+        self.children.clear()
+        if self.cgroup:
+            try:
+                self.cgroup.remove()
+                ctx.active.removed("cgroup", path=self.cgroup.path)
+            except OSError as e:
+                problems.append(f"cgroup {self.cgroup.path}: {e}")
+            self.cgroup = None
+        return problems
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code == -9:
+        return "killed by SIGKILL: out of memory in its cgroup?"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit status {code}"

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install and start everything kvmksm and its tests need, on a fresh Debian 12 host.
+# Idempotent: safe to run again. Needs root (it installs packages and starts daemons).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
+      qemu-utils libvirt-dev pkg-config linux-image-amd64 busybox-static e2fsprogs
+      chromium)
+
+say() { printf '[setup] %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh must run as root (it installs packages and starts libvirtd)" >&2
+  exit 2
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# No systemd here (nor on many CI hosts): start the daemons by hand when they are not running.
+if ! pgrep -x virtlogd >/dev/null; then
+  say "starting virtlogd"
+  virtlogd -d
+fi
+if ! pgrep -x libvirtd >/dev/null; then
+  say "starting libvirtd"
+  libvirtd -d
+fi
+for _ in $(seq 1 50); do
+  virsh -c qemu:///system version >/dev/null 2>&1 && break
+  sleep 0.2
+done
+virsh -c qemu:///system version >/dev/null || { echo "libvirtd did not come up" >&2; exit 1; }
+
+if ! python3 -c 'import kvmksm, libvirt, pytest' 2>/dev/null \
+   || [ pyproject.toml -nt "$(python3 -c 'import kvmksm,os;print(os.path.dirname(kvmksm.__file__))' 2>/dev/null || echo /nonexistent)" ]; then
+  say "installing kvmksm (pip install -e '.[test]')"
+  python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+fi
+say "ready: $(virsh -c qemu:///system version --daemon 2>/dev/null | grep -m1 'libvirt' || true)"
