@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "scenario",
         nargs="?",
-        help="scenario YAML file or bundled name (default: the built-in tiny3)",
+        help="scenario YAML file or bundled name (default: the built-in default scenario)",
     )
     b.add_argument(
         "-o",

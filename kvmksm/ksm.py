@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 
 from kvmksm.errors import UserError
-from kvmksm.hostfs import KSM_DIR, HostFS
+from kvmksm.hostfs import KSM_DIR, HostFS, parse_keyvalue
 
 # Knobs kvmksm knows, with the Linux release that added each, to explain a missing one.
 KNOWN_KNOBS: dict[str, str] = {
@@ -178,6 +178,28 @@ class Ksm:
                     f"(full_scans went from {first} to {self.read('full_scans')})"
                 )
             time.sleep(poll)
+
+
+def ksm_processes(fs: HostFS, exclude: set[int] | None = None) -> list[dict[str, object]]:
+    """Processes that have memory registered with KSM (ksm_rmap_items > 0 or merged pages),
+    from /proc/<pid>/ksm_stat: other KSM users whose pages would mix into the counters."""
+    out: list[dict[str, object]] = []
+    exclude = exclude or set()
+    try:
+        pids = [int(n) for n in fs.listdir("proc") if n.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        if pid in exclude:
+            continue
+        try:
+            stat = parse_keyvalue(fs.read(f"proc/{pid}/ksm_stat"))
+            comm = fs.read(f"proc/{pid}/comm").strip()
+        except OSError:
+            continue
+        if stat.get("ksm_rmap_items", 0) > 0 or stat.get("ksm_merging_pages", 0) > 0:
+            out.append({"pid": pid, "comm": comm, **stat})
+    return out
 
 
 def ordered(names: Mapping[str, object] | list[str]) -> list[str]:

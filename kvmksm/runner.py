@@ -19,7 +19,7 @@ from kvmksm.errors import Interrupted, UserError, WorkloadFailed
 from kvmksm.hostfs import HostFS
 from kvmksm.hostinfo import host_facts
 from kvmksm.hoststate import ActiveRun, HostLock
-from kvmksm.ksm import Ksm
+from kvmksm.ksm import Ksm, ksm_processes
 from kvmksm.record import RunRecord
 from kvmksm.sampler import Sampler
 from kvmksm.scenario import ProcessesWorkload, Scenario
@@ -93,6 +93,7 @@ def _run_locked(
     with _signals_raise():
         try:
             record.event("run_start", f"scenario {sc.name}")
+            _note_other_users(ctx)
             if ksm.read("run") != 0:
                 ksm.write("run", 0)  # the workload decides when ksmd runs
             record.event("ksm_off", "run=0")
@@ -125,6 +126,21 @@ def _run_locked(
                 record.finish(status, error)
                 active.finish()
     return BenchResult(status, record.dir, record.data["checks"], error)
+
+
+def _note_other_users(ctx: RunContext) -> None:
+    """Other processes' mergeable memory mixes into the host-wide counters: say so."""
+    others = ksm_processes(ctx.fs)
+    if not others:
+        return
+    names = ", ".join(f"{o['comm']} (pid {o['pid']})" for o in others[:5])
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    msg = (
+        f"other processes have memory registered with KSM: {names}{more}; the host-wide "
+        "counters include their pages, so exact expectations may not hold"
+    )
+    ctx.record.event("other_ksm_users", msg, processes=others)
+    ctx.console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
 
 
 def _teardown(

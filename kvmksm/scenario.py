@@ -25,7 +25,7 @@ from kvmksm.ksm import KNOWN_COUNTERS, KNOWN_KNOBS
 from kvmksm.units import Duration, Size
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
-DEFAULT_SCENARIO = "tiny3.yaml"
+DEFAULT_SCENARIO = "ltp-ksm03.yaml"
 
 
 class Strict(BaseModel):
@@ -54,9 +54,15 @@ def _check_expect_keys(v: dict[str, Any]) -> dict[str, Any]:
 
 def _check_knob_keys(v: dict[str, Any]) -> dict[str, Any]:
     for key in v:
+        if key == "run":
+            raise ValueError(
+                "'run' is set by the workload (ksmd goes on when the scenario says), "
+                "not a knob to pin"
+            )
         if key not in KNOWN_KNOBS:
             raise ValueError(
-                f"unknown KSM knob {key!r} (expected one of: {', '.join(KNOWN_KNOBS)})"
+                f"unknown KSM knob {key!r} (expected one of: "
+                f"{', '.join(k for k in KNOWN_KNOBS if k != 'run')})"
             )
     return v
 
@@ -75,12 +81,19 @@ class PatternSpec(Strict):
         return _byte_value(v)
 
     def describe(self) -> str:
+        """Short: 'c', 'd+e' (d with a last byte e), '0x00', 'random'."""
         if self.random:
             return "random"
-        text = repr(chr(self.byte or 0)) if self.byte is not None else "?"
+        text = _show_byte(self.byte)
         if self.last_byte is not None:
-            text += f" except last byte {chr(self.last_byte)!r}"
+            text += f"+{_show_byte(self.last_byte)}"
         return text
+
+
+def _show_byte(b: int | None) -> str:
+    if b is None:
+        return "?"
+    return chr(b) if 0x21 <= b < 0x7F else f"0x{b:02x}"
 
 
 def _byte_value(v: object) -> object:
@@ -214,6 +227,8 @@ def resolve_path(arg: str | None) -> Path:
     """A scenario argument: a path, or a bare name found in the bundled scenarios/."""
     if arg is None:
         return SCENARIO_DIR / DEFAULT_SCENARIO
+    if arg == "-":
+        return Path("-")
     p = Path(arg)
     if p.exists():
         return p
@@ -225,6 +240,10 @@ def resolve_path(arg: str | None) -> Path:
 
 def load(path: str | Path) -> Scenario:
     path = Path(path)
+    if str(path) == "-":
+        import sys
+
+        return loads(sys.stdin.read(), "<stdin>", default_name="stdin")
     try:
         text = path.read_text()
     except OSError as e:

@@ -40,9 +40,7 @@ for _ in $(seq 1 50); do
 done
 virsh -c qemu:///system version >/dev/null || { echo "libvirtd did not come up" >&2; exit 1; }
 
-if ! python3 -c 'import kvmksm, libvirt, pytest' 2>/dev/null \
-   || [ pyproject.toml -nt "$(python3 -c 'import kvmksm,os;print(os.path.dirname(kvmksm.__file__))' 2>/dev/null || echo /nonexistent)" ]; then
-  say "installing kvmksm (pip install -e '.[test]')"
-  python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-fi
-say "ready: $(virsh -c qemu:///system version --daemon 2>/dev/null | grep -m1 'libvirt' || true)"
+# Always (re)install the project: cheap when nothing changed, and it picks up new dependencies.
+say "installing kvmksm and its Python dependencies (pip install -e '.[test]')"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+say "ready: $(virsh -c qemu:///system version --daemon 2>/dev/null | grep -m1 'daemon' || true)"

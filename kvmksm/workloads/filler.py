@@ -1,18 +1,20 @@
 """The child side of the processes workload: one anonymous MADV_MERGEABLE mapping,
-filled and verified on command. Kept free of heavy imports: each child is spawned."""
+filled and verified on command. Run as `python -m kvmksm.workloads.filler SIZE INDEX`;
+it imports nothing heavy, so a child starts in a few tens of milliseconds."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import random
 import signal
+import sys
 import time
 import traceback
-from multiprocessing.connection import Connection
 from typing import Any
 
-CHUNK = 4 << 20
+CHUNK = 1 << 20
 
 
 def content(pattern: dict[str, Any], index: int, round_no: int, size: int) -> bytes | None:
@@ -40,41 +42,51 @@ def verify(m: mmap.mmap, pattern: dict[str, Any], index: int, round_no: int) -> 
     """First offset whose byte differs from what was written, or None."""
     size = len(m)
     data = content(pattern, index, round_no, size)
-    if data is None:
-        chunk = bytes([pattern["byte"]]) * CHUNK
+    chunk = b"" if data is not None else bytes([pattern["byte"]]) * CHUNK
     for off in range(0, size, CHUNK):
         n = min(CHUNK, size - off)
-        want = data[off : off + n] if data is not None else bytearray(chunk[:n])
+        # Compare against the prebuilt chunk (no per-chunk copies: they cost page faults).
+        want = data[off : off + n] if data is not None else (chunk if n == CHUNK else chunk[:n])
         if data is None and pattern.get("last_byte") is not None and off + n == size:
-            want[-1] = pattern["last_byte"]
+            want = want[:-1] + bytes([pattern["last_byte"]])
         got = m[off : off + n]
         if got != want:
             return off + next(i for i in range(n) if got[i] != want[i])
     return None
 
 
-def child_main(conn: Connection, size: int, index: int) -> None:
+def child_main(size: int, index: int) -> None:
+    """Serve commands, one JSON line each on stdin; answer one JSON line each on stdout."""
     # Ctrl-C goes to the whole process group; the parent decides when children end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out = sys.stdout
+
+    def reply(kind: str, value: Any = None) -> None:
+        out.write(json.dumps([kind, value]) + "\n")
+        out.flush()
+
     try:
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         m.madvise(mmap.MADV_MERGEABLE)
-        conn.send(("ready", os.getpid()))
+        reply("ready", os.getpid())
         pattern: dict[str, Any] = {}
         round_no = 0
-        while True:
-            cmd, arg = conn.recv()
+        for line in sys.stdin:
+            cmd, arg = json.loads(line)
+            t = time.monotonic()
             if cmd == "fill":
                 round_no, pattern = arg
-                t = time.monotonic()
                 fill(m, pattern, index, round_no)
-                conn.send(("filled", time.monotonic() - t))
+                reply("filled", time.monotonic() - t)
             elif cmd == "verify":
-                conn.send(("verified", verify(m, pattern, index, round_no)))
+                bad = verify(m, pattern, index, round_no)
+                reply("verified", [bad, time.monotonic() - t])
             elif cmd == "exit":
-                conn.send(("bye", None))
+                reply("bye")
                 return
-    except EOFError:
-        return
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        reply("error", traceback.format_exc())
+
+
+if __name__ == "__main__":
+    child_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -3,10 +3,11 @@ byte patterns round by round, as LTP's ksm tests do, with exact expectations per
 
 from __future__ import annotations
 
-import multiprocessing
+import json
+import select
+import subprocess
+import sys
 import time
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 from kvmksm.cgroup import MemoryCgroup
@@ -16,13 +17,12 @@ from kvmksm.ksm import Ksm
 from kvmksm.scenario import FillStep, ProcessesWorkload, StopStep, UnmergeStep
 from kvmksm.units import format_size
 from kvmksm.workloads.base import RunContext, Workload
-from kvmksm.workloads.filler import child_main
 
 
 class ProcessesRun(Workload):
     def __init__(self, spec: ProcessesWorkload) -> None:
         self.spec = spec
-        self.children: list[tuple[BaseProcess, Connection]] = []
+        self.children: list[subprocess.Popen[str]] = []
         self.cgroup: MemoryCgroup | None = None
 
     def preflight(self, fs: HostFS, ksm: Ksm) -> None:
@@ -92,31 +92,43 @@ class ProcessesRun(Workload):
             self.cgroup = MemoryCgroup(ctx.fs, name, spec.cgroup.memory_limit)
             self.cgroup.create()
             ctx.active.created("cgroup", path=self.cgroup.path)
-        mp = multiprocessing.get_context("spawn")  # fork is unsafe with the sampler thread
         for i in range(spec.count):
-            parent, child = mp.Pipe()
-            proc = mp.Process(target=child_main, args=(child, spec.size, i), daemon=True)
-            proc.start()
-            child.close()
-            self.children.append((proc, parent))
-        for i, (_proc, conn) in enumerate(self.children):
-            pid = self._reply(conn, "ready", i, timeout=60)
+            # A plain child process speaking JSON lines: no fork of this threaded process,
+            # and nothing of kvmksm's heavier imports in the child.
+            self.children.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "kvmksm.workloads.filler", str(spec.size), str(i)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    bufsize=1,
+                )
+            )
+        for i in range(spec.count):
+            pid = self._reply(i, "ready", timeout=60)
             if self.cgroup:
                 self.cgroup.add(pid)
         ctx.record.update(
-            processes=[{"index": i, "pid": p.pid} for i, (p, _) in enumerate(self.children)]
+            processes=[{"index": i, "pid": p.pid} for i, p in enumerate(self.children)]
         )
 
-    def _reply(self, conn: Connection, want: str, index: int, timeout: float = 600) -> Any:
-        if not conn.poll(timeout):
+    def _send(self, cmd: str, arg: Any = None) -> None:
+        for p in self.children:
+            assert p.stdin is not None
+            p.stdin.write(json.dumps([cmd, arg]) + "\n")
+            p.stdin.flush()
+
+    def _reply(self, index: int, want: str, timeout: float = 600) -> Any:
+        proc = self.children[index]
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        if not ready:
             raise WorkloadFailed(f"process {index} did not answer within {timeout:g}s")
-        try:
-            kind, value = conn.recv()
-        except EOFError:
-            proc = self.children[index][0]
-            proc.join(1)
-            why = _exit_reason(proc.exitcode)
-            raise WorkloadFailed(f"process {index} died ({why})") from None
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(1)
+            raise WorkloadFailed(f"process {index} died ({_exit_reason(proc.returncode)})")
+        kind, value = json.loads(line)
         if kind == "error":
             raise WorkloadFailed(f"process {index} failed: {value.strip().splitlines()[-1]}")
         if kind != want:
@@ -124,21 +136,19 @@ class ProcessesRun(Workload):
         return value
 
     def _fill(self, ctx: RunContext, step_no: int, step: FillStep) -> None:
-        desc = ", ".join(p.describe() for p in step.patterns)
+        desc = "/".join(p.describe() for p in step.patterns)
         with ctx.phase(f"step {step_no}: filling {desc}"):
-            for (_, conn), pattern in zip(self.children, step.patterns, strict=True):
-                conn.send(("fill", (step_no, pattern.model_dump())))
-            seconds = [self._reply(c, "filled", i) for i, (_, c) in enumerate(self.children)]
+            for proc, pattern in zip(self.children, step.patterns, strict=True):
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps(["fill", [step_no, pattern.model_dump()]]) + "\n")
+                proc.stdin.flush()
+            seconds = [self._reply(i, "filled") for i in range(len(self.children))]
         ctx.record.event("round_filled", desc, step=step_no, seconds=round(max(seconds), 4))
 
     def _verify(self, ctx: RunContext, step_no: int) -> None:
-        for _, conn in self.children:
-            conn.send(("verify", None))
-        bad = [
-            (i, off)
-            for i, (_, c) in enumerate(self.children)
-            if (off := self._reply(c, "verified", i)) is not None
-        ]
+        self._send("verify")
+        replies = [self._reply(i, "verified") for i in range(len(self.children))]
+        bad = [(i, off) for i, (off, _) in enumerate(replies) if off is not None]
         if bad:
             i, off = bad[0]
             ctx.record.check(
@@ -152,23 +162,31 @@ class ProcessesRun(Workload):
                 f"step {step_no}: process {i}'s memory changed at offset {off}: KSM must "
                 "never change data"
             )
-        ctx.record.event("verified", f"{len(self.children)} processes intact", step=step_no)
+        ctx.record.event(
+            "verified",
+            f"{len(self.children)} processes intact",
+            step=step_no,
+            seconds=round(max(s for _, s in replies), 4),
+        )
 
     def teardown(self, ctx: RunContext) -> list[str]:
         problems: list[str] = []
-        for proc, conn in self.children:
+        for proc in self.children:
             try:
-                if proc.is_alive():
-                    conn.send(("exit", None))
+                if proc.poll() is None and proc.stdin is not None:
+                    proc.stdin.write(json.dumps(["exit", None]) + "\n")
+                    proc.stdin.close()
             except OSError:
                 pass
         deadline = time.monotonic() + 5
-        for proc, conn in self.children:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
+        for proc in self.children:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join(5)
-            conn.close()
+                proc.wait(5)
+            if proc.stdout is not None:
+                proc.stdout.close()
         self.children.clear()
         if self.cgroup:
             try:

@@ -1,0 +1,455 @@
+"""Charts of a run record as inline SVG strings (matplotlib, no pyplot, no global state).
+
+Long series are reduced before plotting: a line keeps each bucket's minimum and maximum, so
+a one-second spike in a day-long record still shows; stacked areas use bucket means. The full
+data stays in the record's CSV files.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.transforms import blended_transform_factory
+
+from kvmksm.analysis import MIB, VmAnalysis, Windows, column, saved_pages
+
+# Figures are built with Figure() and saved straight to SVG, never shown; Agg keeps a caller's
+# later pyplot import from looking for a display.
+matplotlib.use("Agg")
+
+MAX_POINTS = 2000  # per line: about two per horizontal pixel of a full-width chart
+STACK_BUCKETS = 600
+TOP_GUESTS = 10  # guests drawn one by one in the stack; the rest are summed as "others"
+WIDTH = 11.0  # inches; the page scales the SVG to its width
+
+RC = {
+    "svg.fonttype": "none",  # text stays text: smaller files, the page's own font
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans", "Liberation Sans", "Arial", "Helvetica"],
+    "font.size": 10,
+    "axes.titlesize": 12,
+    "axes.titleweight": "bold",
+    "axes.titlelocation": "left",
+    "axes.grid": True,
+    "grid.color": "#e3e3e3",
+    "grid.linewidth": 0.7,
+    "axes.spines.top": False,
+    "axes.edgecolor": "#888888",
+    "legend.frameon": False,
+    "legend.fontsize": 9,
+    "lines.linewidth": 1.6,
+}
+SERIES = {  # KSM counters: colour and what the legend says
+    "pages_sharing": ("#2e7d32", "pages_sharing (mappings saved)"),
+    "pages_shared": ("#1565c0", "pages_shared (KSM pages kept)"),
+    "pages_unshared": ("#ef6c00", "pages_unshared (unique, rechecked)"),
+    "pages_volatile": ("#8e24aa", "pages_volatile (changing too fast)"),
+    "ksm_zero_pages": ("#6d4c41", "ksm_zero_pages (mapped to the zero page)"),
+}
+EVENTS = {  # event kind: legend text, colour, line style
+    "ksm_off": ("KSM off", "#757575", "--"),
+    "all_up": ("guests up", "#1565c0", "-"),
+    "settle_done": ("settled", "#00838f", ":"),
+    "ksm_on": ("KSM on", "#2e7d32", "-"),
+    "round_filled": ("round filled", "#ef6c00", ":"),
+    "round_checked": ("round checked", "#ef6c00", "-."),
+    "steady": ("steady", "#6a1b9a", "-"),
+    "unmerge": ("unmerge", "#c62828", "-"),
+    "unmerge_done": ("unmerge done", "#c62828", ":"),
+    "stop": ("KSM stop", "#212121", ":"),
+    "interrupted": ("interrupted", "#b71c1c", "--"),
+    "error": ("error", "#b71c1c", "--"),
+}
+TICK_EVENTS = {"guest_started": "guest started", "guest_up": "guest up"}  # many: rug ticks
+GUEST_COLOURS = [
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#76b7b2",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#86bcb6",
+]
+
+
+# -- data reduction -------------------------------------------------------------------
+def reduce_minmax(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS):
+    """At most `max_points` points keeping each bucket's min and max in time order."""
+    n = len(x)
+    if n <= max_points:
+        return x, y
+    buckets = max(1, max_points // 2)
+    size = -(-n // buckets)
+    pad = buckets * size - n
+    yy = np.concatenate([y.astype(float), np.full(pad, np.nan)]).reshape(buckets, size)
+    lo = np.where(np.isnan(yy), np.inf, yy).argmin(axis=1)
+    hi = np.where(np.isnan(yy), -np.inf, yy).argmax(axis=1)
+    base = np.arange(buckets) * size
+    idx = np.unique(np.concatenate([base + lo, base + hi, [0, n - 1]]))
+    idx = idx[idx < n]
+    return x[idx], y[idx]
+
+
+def reduce_mean(x: np.ndarray, ys: np.ndarray, buckets: int = STACK_BUCKETS):
+    """Bucket means of the rows of `ys` (time x series), for stacked areas."""
+    n = len(x)
+    if n <= buckets:
+        return x, ys
+    size = -(-n // buckets)
+    pad = buckets * size - n
+    xx = np.concatenate([x, np.full(pad, np.nan)]).reshape(buckets, size)
+    yy = np.concatenate([ys, np.full((pad, ys.shape[1]), np.nan)]).reshape(buckets, size, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN bucket is simply NaN
+        return np.nanmean(xx, axis=1), np.nanmean(yy, axis=1)
+
+
+# -- helpers --------------------------------------------------------------------------
+def time_scale(t_max: float) -> tuple[float, str]:
+    if t_max <= 900:
+        return 1.0, "s"
+    if t_max <= 3 * 3600:
+        return 60.0, "min"
+    return 3600.0, "h"
+
+
+def _thousands(v: float, _pos: object = None) -> str:
+    if abs(v) >= 1e7:
+        return f"{v / 1e6:,.0f}M"
+    return f"{v:,.0f}" if abs(v) >= 10 or v == int(v) else f"{v:,.1f}"
+
+
+EVENT_PRIORITY = ("ksm_on", "steady", "unmerge", "all_up", "round_filled", "error", "interrupted")
+TRACK_ROWS = 4
+
+
+@dataclass
+class Frame:
+    """A figure with an event track on top and one or more panels sharing the time axis."""
+
+    fig: Figure
+    track: Axes
+    panels: list[Axes]
+    scale: float
+
+
+def _frame(
+    title: str,
+    t: np.ndarray,
+    events: Sequence[dict[str, Any]],
+    w: Windows | None,
+    height: float,
+    rows: int = 1,
+) -> Frame:
+    fig = Figure(figsize=(WIDTH, height), layout="constrained")
+    ratios = [0.22 * TRACK_ROWS] + [3.0] * rows
+    axes = fig.subplots(len(ratios), 1, sharex=True, height_ratios=ratios)
+    track, panels = axes[0], list(axes[1:])
+    scale, unit = time_scale(float(t.max()) if len(t) else 0.0)
+    lo, hi = (float(t.min()) / scale, float(t.max()) / scale) if len(t) else (0.0, 1.0)
+    panels[-1].set_xlim(lo, hi if hi > lo else lo + 1)
+    panels[-1].set_xlabel(f"time since run start ({unit})")
+    for ax in panels:
+        _event_lines(ax, events, scale)
+        if w is not None and w.plateau_start is not None and w.plateau_end is not None:
+            ax.axvspan(w.plateau_start / scale, w.plateau_end / scale, color=PLATEAU, alpha=0.07)
+    _event_track(track, events, scale, (lo, hi), w)
+    track.set_title(title)
+    return Frame(fig, track, panels, scale)
+
+
+def _legend(frame: Frame, handles: list[Any]) -> Figure:
+    handles = _unique(handles)
+    frame.fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)))
+    return frame.fig
+
+
+def _event_lines(ax: Axes, events: Sequence[dict[str, Any]], scale: float) -> None:
+    for e in events:
+        style = EVENTS.get(e["kind"])
+        if style is not None:
+            _, colour, ls = style
+            ax.axvline(e["t"] / scale, color=colour, ls=ls, lw=1.0, alpha=0.8, zorder=1)
+
+
+def _event_label(e: dict[str, Any]) -> str:
+    label = EVENTS[e["kind"]][0]
+    if e["kind"] == "round_filled" and isinstance(e.get("step"), int):
+        return f"round {e['step'] + 1}"
+    return label
+
+
+def _event_track(
+    ax: Axes,
+    events: Sequence[dict[str, Any]],
+    scale: float,
+    xlim: tuple[float, float],
+    w: Windows | None,
+) -> None:
+    """Event names above the chart, each on the first of a few rows where it fits, so that
+    events close in time stack instead of overlapping; per-guest events are ticks."""
+    ax.set_ylim(0, TRACK_ROWS)
+    ax.set_yticks([])
+    ax.tick_params(axis="x", which="both", bottom=False, labelbottom=False)
+    ax.grid(False)
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    span = (xlim[1] - xlim[0]) or 1.0
+    char = 0.0062 * 11.0 / WIDTH  # width of one label character, as a fraction of the axes
+    keyed = [e for e in events if e["kind"] in EVENTS]
+    rank = {k: i for i, k in enumerate(EVENT_PRIORITY)}
+    keyed.sort(key=lambda e: (rank.get(e["kind"], len(rank)), e["t"]))
+    taken: list[list[tuple[float, float]]] = [[] for _ in range(TRACK_ROWS)]
+    for e in keyed:
+        label = _event_label(e)
+        x = (e["t"] / scale - xlim[0]) / span
+        width = char * len(label) + 0.012
+        a, b = (x, x + width) if x + width <= 1.0 else (x - width, x)
+        for row in range(TRACK_ROWS - 1, 0, -1):  # top row first; row 0 is for guest ticks
+            if all(b < c or a > d for c, d in taken[row]):
+                taken[row].append((a, b))
+                colour = EVENTS[e["kind"]][1]
+                ax.plot([e["t"] / scale] * 2, [row, row + 0.8], color=colour, lw=1.0)
+                left = x + width <= 1.0
+                ax.text(
+                    e["t"] / scale + (0.004 if left else -0.004) * span,
+                    row + 0.4,
+                    label,
+                    color=colour,
+                    fontsize=8.5,
+                    va="center",
+                    ha="left" if left else "right",
+                )
+                break
+    for kind, (colour, y) in {"guest_started": ("#90a4ae", 0.2), "guest_up": ("#1565c0", 0.5)}:
+        ts = [e["t"] / scale for e in events if e["kind"] == kind]
+        if ts:
+            ax.plot(ts, [y] * len(ts), ls="", marker="|", ms=6, color=colour)
+    if w is not None and w.plateau_start is not None and w.plateau_end is not None:
+        ax.axvspan(w.plateau_start / scale, w.plateau_end / scale, color=PLATEAU, alpha=0.07)
+
+
+def to_svg(fig: Figure, name: str, title: str) -> str:
+    """The figure as an <svg> element for inlining: ids prefixed by `name` so several charts
+    share one page, no XML prolog or metadata, width from CSS."""
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": name, **RC}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg") :]
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+    svg = re.sub(r' xmlns(:xlink)?="[^"]*"', "", svg, count=2)
+    svg = re.sub(r'(<svg[^>]*?) width="[^"]*" height="[^"]*"', r"\1", svg, count=1)
+    svg = svg.replace("<svg ", f'<svg class="chart" role="img" aria-label="{title}" ', 1)
+    svg = re.sub(r'\bid="', f'id="{name}-', svg)
+    svg = svg.replace('xlink:href="#', f'xlink:href="#{name}-')
+    return svg.replace("url(#", f"url(#{name}-")
+
+
+def _render(name: str, title: str, build: Any) -> str:
+    with matplotlib.rc_context(RC):
+        fig = build()
+    return to_svg(fig, name, title)
+
+
+# -- the charts -----------------------------------------------------------------------
+def merge_chart(samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows, ps: int) -> str:
+    """KSM counters in pages (left) and the same scale in MiB (right), saved memory shaded."""
+
+    def build() -> Figure:
+        fig, (ax,) = _figure(4.6)
+        t = samples["t"].to_numpy(float)
+        scale, unit = time_scale(float(t.max()))
+        handles: list[Any] = []
+        saved = saved_pages(samples).to_numpy(float)
+        xs, ys = reduce_minmax(t / scale, saved)
+        ax.fill_between(xs, ys, color="#a5d6a7", alpha=0.45, lw=0, zorder=0)
+        handles.append(Patch(color="#a5d6a7", label="memory saved (pages_sharing + zero pages)"))
+        for name, (colour, label) in SERIES.items():
+            col = column(samples, name)
+            if col is None:
+                continue
+            xs, ys = reduce_minmax(t / scale, col.to_numpy(float))
+            (line,) = ax.plot(xs, ys, color=colour, label=label, zorder=3)
+            handles.append(line)
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
+        ax.set_ylabel("pages")
+        ax.set_xlabel(f"time since run start ({unit})")
+        ax.set_xlim(t.min() / scale, t.max() / scale)
+        mib = ax.secondary_yaxis(
+            "right", functions=(lambda p: p * ps / MIB, lambda m: m * MIB / ps)
+        )
+        mib.set_ylabel("MiB (same scale: pages x page size)")
+        mib.yaxis.set_major_formatter(FuncFormatter(_thousands))
+        handles += _plateau(ax, w, scale) + _events(ax, events, scale)
+        ax.set_title("Merge curves: KSM counters and memory saved")
+        fig.legend(handles=handles, loc="outside right upper")
+        return fig
+
+    return _render("merge", "Merge curves", build)
+
+
+def cost_chart(
+    samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows, configured: float | None
+) -> str | None:
+    """ksmd CPU percent (with cumulative CPU seconds) and the scan rate against the configured."""
+    cpu = column(samples, "ksmd_cpu")
+    scanned = column(samples, "pages_scanned")
+    if cpu is None and scanned is None:
+        return None
+
+    def build() -> Figure:
+        rows = (cpu is not None) + (scanned is not None)
+        fig, axes = _figure(3.0 * rows + 0.6, rows)
+        t = samples["t"].to_numpy(float)
+        scale, unit = time_scale(float(t.max()))
+        ax_iter = iter(axes)
+        handles: list[Any] = []
+        if cpu is not None:
+            ax = next(ax_iter)
+            pct = cpu.fillna(0.0).to_numpy(float)
+            xs, ys = reduce_minmax(t / scale, pct)
+            (line,) = ax.plot(xs, ys, color="#c62828", lw=1.2, label="ksmd CPU (% of one CPU)")
+            ax.set_ylabel("% of one CPU")
+            ax.set_ylim(bottom=0, top=max(5.0, float(np.nanmax(pct)) * 1.1 if len(pct) else 5))
+            cum = np.cumsum(pct / 100.0 * np.diff(t, prepend=t[:1]))
+            right = ax.twinx()
+            right.grid(False)
+            xs, ys = reduce_minmax(t / scale, cum)
+            (cline,) = right.plot(xs, ys, color="#424242", lw=1.2, ls="--")
+            cline.set_label("ksmd CPU seconds, cumulative (right)")
+            right.set_ylabel("CPU seconds")
+            right.set_ylim(bottom=0)
+            ax.set_title(f"ksmd's cost: {cum[-1] if len(cum) else 0:,.1f} CPU seconds in all")
+            handles += [line, cline]
+            handles += _plateau(ax, w, scale) + _events(ax, events, scale)
+        if scanned is not None:
+            ax = next(ax_iter)
+            dt = np.diff(t, prepend=np.nan)
+            rate = np.diff(scanned.to_numpy(float), prepend=np.nan) / dt
+            rate[~np.isfinite(rate) | (rate < 0)] = np.nan  # first row, resets
+            xs, ys = reduce_minmax(t / scale, rate)
+            (line,) = ax.plot(xs, ys, color="#00838f", lw=1.2, label="pages scanned per second")
+            handles.append(line)
+            if configured:
+                ref = ax.axhline(configured, color="#00838f", ls=":", lw=1.4)
+                ref.set_label(f"configured: {configured:,.0f} pages/s")
+                handles.append(ref)
+            ax.set_ylabel("pages/s")
+            ax.set_ylim(bottom=0)
+            ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
+            ax.set_title("Scan rate: pages_scanned per second", fontsize=11)
+            _plateau(ax, w, scale)
+            _events(ax, events, scale)
+        axes[-1].set_xlabel(f"time since run start ({unit})")
+        axes[-1].set_xlim(t.min() / scale, t.max() / scale)
+        fig.legend(handles=_unique(handles), loc="outside right upper")
+        return fig
+
+    return _render("cost", "ksmd CPU and scan rate", build)
+
+
+def memory_chart(samples: pd.DataFrame, events: list[dict[str, Any]]) -> str | None:
+    names = ["MemTotal", "MemAvailable", "MemFree", "AnonPages", "AnonHugePages", "Cached"]
+    names.append("Shmem")
+    present = [n for n in names if n in samples.columns]
+    if not present:
+        return None
+
+    def build() -> Figure:
+        fig, (ax,) = _figure(3.6)
+        t = samples["t"].to_numpy(float)
+        scale, unit = time_scale(float(t.max()))
+        colours = ["#212121", "#2e7d32", "#66bb6a", "#1565c0", "#64b5f6", "#ef6c00", "#8e24aa"]
+        handles = []
+        for name, colour in zip(names, colours, strict=True):
+            col = column(samples, name)
+            if col is None:
+                continue
+            xs, ys = reduce_minmax(t / scale, col.to_numpy(float) / 1024**2)
+            ls = "--" if name == "MemTotal" else "-"
+            (line,) = ax.plot(xs, ys, color=colour, ls=ls, lw=1.3, label=name)
+            handles.append(line)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("GiB")
+        ax.set_xlabel(f"time since run start ({unit})")
+        ax.set_xlim(t.min() / scale, t.max() / scale)
+        handles += _events(ax, events, scale)
+        ax.set_title("Host memory (/proc/meminfo)")
+        fig.legend(handles=handles, loc="outside right upper")
+        return fig
+
+    return _render("memory", "Host memory", build)
+
+
+def vm_chart(
+    samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows, vm: VmAnalysis, ps: int
+) -> str | None:
+    """Each guest's merged memory stacked, against the global pages_shared + pages_sharing."""
+    m = vm.merging
+    if m is None or not len(m.t):
+        return None
+
+    def build() -> Figure:
+        fig, (ax,) = _figure(4.4)
+        t_all = samples["t"].to_numpy(float) if len(samples) else m.t
+        scale, unit = time_scale(float(max(t_all.max(), m.t.max())))
+        values = np.nan_to_num(m.values) * ps / MIB
+        order = np.argsort(-np.nanmax(values, axis=0), kind="stable")
+        top = sorted(order[:TOP_GUESTS])
+        rest = [i for i in order[TOP_GUESTS:]]
+        layers = [values[:, i] for i in top]
+        labels = [m.domains[i] for i in top]
+        colours = [GUEST_COLOURS[k % len(GUEST_COLOURS)] for k in range(len(top))]
+        if rest:
+            layers.append(values[:, rest].sum(axis=1))
+            labels.append(f"{len(rest)} other guests")
+            colours.append("#bdbdbd")
+        xs, ys = reduce_mean(m.t, np.column_stack(layers))
+        ax.stackplot(xs / scale, ys.T, labels=labels, colors=colours, alpha=0.9, lw=0)
+        handles, _ = ax.get_legend_handles_labels()
+        shared, sharing = column(samples, "pages_shared"), column(samples, "pages_sharing")
+        if shared is not None and sharing is not None:
+            total = (shared + sharing).to_numpy(float) * ps / MIB
+            gx, gy = reduce_minmax(samples["t"].to_numpy(float) / scale, total)
+            (line,) = ax.plot(gx, gy, color="#000000", ls="--", lw=1.4)
+            line.set_label("global pages_shared + pages_sharing")
+            handles.append(line)
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("merged memory (MiB)")
+        ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
+        ax.xaxis.set_major_locator(MaxNLocator(12))
+        ax.set_xlabel(f"time since run start ({unit})")
+        ax.set_xlim(t_all.min() / scale, t_all.max() / scale)
+        handles += _plateau(ax, w, scale) + _events(ax, events, scale)
+        ax.set_title("Per guest: ksm_merging_pages, stacked")
+        fig.legend(handles=handles, loc="outside right upper")
+        return fig
+
+    return _render("vms", "Merged memory per guest", build)
+
+
+def _unique(handles: list[Any]) -> list[Any]:
+    seen: set[str] = set()
+    out = []
+    for h in handles:
+        if h.get_label() not in seen:
+            seen.add(h.get_label())
+            out.append(h)
+    return out

@@ -1,0 +1,65 @@
+"""Opening a libvirt connection: which URI, and one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import libvirt
+
+from kvmksm.errors import UserError
+
+DEFAULT_URI = "qemu:///system"
+
+
+def _silence(_ctx: object, _err: object) -> None:
+    # libvirt prints every error to stderr by default; kvmksm reports them itself.
+    return None
+
+
+libvirt.registerErrorHandler(_silence, None)
+
+
+def resolve_uri(cli: str | None = None, scenario: str | None = None) -> str:
+    """The URI to open: -c/--connect, then LIBVIRT_DEFAULT_URI (as virsh), then the
+    scenario's `connect`, then qemu:///system."""
+    return cli or os.environ.get("LIBVIRT_DEFAULT_URI") or scenario or DEFAULT_URI
+
+
+def open_connection(uri: str) -> libvirt.virConnect:
+    """A read-write connection, or a UserError that says how to get one."""
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        hint = ""
+        if uri.startswith("qemu") and "socket" in str(e).lower():
+            hint = " (is libvirtd running? scripts/setup.sh starts it)"
+        raise UserError(
+            f"cannot connect to libvirt at {uri}: {e.get_error_message()}{hint}"
+        ) from None
+
+
+def is_local(conn: libvirt.virConnect) -> bool:
+    """True when the hypervisor runs on this host, so its files (console logs, /proc) are ours
+    to read."""
+    uri = conn.getURI()
+    scheme = uri.split(":", 1)[0]
+    return "+" not in scheme or scheme.endswith("+unix")
+
+
+def versions(conn: libvirt.virConnect) -> dict[str, Any]:
+    """libvirt and hypervisor versions for the run record's host facts."""
+
+    def dotted(n: int) -> str:
+        return f"{n // 1_000_000}.{n // 1000 % 1000}.{n % 1000}"
+
+    out: dict[str, Any] = {"libvirt_uri": conn.getURI(), "libvirt": dotted(conn.getLibVersion())}
+    try:
+        out[conn.getType().lower()] = dotted(conn.getVersion())
+    except libvirt.libvirtError:
+        pass
+    return out
+
+
+def error_code(e: libvirt.libvirtError) -> int:
+    return e.get_error_code() or 0
