@@ -513,15 +513,11 @@ def vm_analysis(record: Record, w: Windows | None = None) -> VmAnalysis | None:
         )
 
     recon = []
-    pairs = (
+    profit = _plateau_col(record, "general_profit", w)
+    pairs = (  # guests' column, global counter, its plateau value, unit shown
         ("ksm_merging_pages", "pages_shared + pages_sharing", g_merged, "pages"),
         ("ksm_zero_pages", "ksm_zero_pages", _plateau_col(record, "ksm_zero_pages", w), "pages"),
-        (
-            "ksm_process_profit",
-            "general_profit",
-            _plateau_col(record, "general_profit", w),
-            "bytes",
-        ),
+        ("ksm_process_profit", "general_profit", _scaled(profit, 1 / MIB), "MiB"),
     )
     g_shared_p = plateau_value(record, g_shared, w) if g_shared is not None else None
     for name, global_name, global_value, unit in pairs:
@@ -536,7 +532,7 @@ def vm_analysis(record: Record, w: Windows | None = None) -> VmAnalysis | None:
             # general_profit counts only pages_sharing, so take the kept copies off.
             if g_shared_p is None or summed is None:
                 continue
-            summed -= g_shared_p * ps
+            summed = (summed - g_shared_p * ps) / MIB
             label += " - pages_shared x page size"
         recon.append(
             {

@@ -11,6 +11,7 @@ import io
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -18,10 +19,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, MaxNLocator
-from matplotlib.transforms import blended_transform_factory
+from matplotlib.ticker import FuncFormatter
 
 from kvmksm.analysis import MIB, VmAnalysis, Windows, column, saved_pages
 
@@ -64,7 +63,6 @@ EVENTS = {  # event kind: legend text, colour, line style
     "settle_done": ("settled", "#00838f", ":"),
     "ksm_on": ("KSM on", "#2e7d32", "-"),
     "round_filled": ("round filled", "#ef6c00", ":"),
-    "round_checked": ("round checked", "#ef6c00", "-."),
     "steady": ("steady", "#6a1b9a", "-"),
     "unmerge": ("unmerge", "#c62828", "-"),
     "unmerge_done": ("unmerge done", "#c62828", ":"),
@@ -72,7 +70,17 @@ EVENTS = {  # event kind: legend text, colour, line style
     "interrupted": ("interrupted", "#b71c1c", "--"),
     "error": ("error", "#b71c1c", "--"),
 }
-TICK_EVENTS = {"guest_started": "guest started", "guest_up": "guest up"}  # many: rug ticks
+MEMINFO = {  # /proc/meminfo lines charted, and their colours
+    "MemTotal": "#212121",
+    "MemAvailable": "#2e7d32",
+    "MemFree": "#66bb6a",
+    "AnonPages": "#1565c0",
+    "AnonHugePages": "#64b5f6",
+    "Cached": "#ef6c00",
+    "Shmem": "#8e24aa",
+}
+SAVED = "#a5d6a7"
+PLATEAU = "#6a1b9a"
 GUEST_COLOURS = [
     "#4e79a7",
     "#f28e2b",
@@ -175,7 +183,10 @@ def _frame(
 
 def _legend(frame: Frame, handles: list[Any]) -> Figure:
     handles = _unique(handles)
-    frame.fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)))
+    longest = max((len(h.get_label()) for h in handles), default=1)
+    # Columns that fit the figure's width: about 5.4 pt a character plus the handle.
+    ncol = max(1, min(4, len(handles), int(WIDTH * 72 * 0.95 // (longest * 5.4 + 45))))
+    frame.fig.legend(handles=handles, loc="outside lower center", ncol=ncol)
     return frame.fig
 
 
@@ -236,10 +247,13 @@ def _event_track(
                     ha="left" if left else "right",
                 )
                 break
-    for kind, (colour, y) in {"guest_started": ("#90a4ae", 0.2), "guest_up": ("#1565c0", 0.5)}:
+    for kind, colour, y in (("guest_started", "#90a4ae", 0.25), ("guest_up", "#1565c0", 0.6)):
         ts = [e["t"] / scale for e in events if e["kind"] == kind]
         if ts:
             ax.plot(ts, [y] * len(ts), ls="", marker="|", ms=6, color=colour)
+            if kind == "guest_up":
+                text = f"{len(ts)} guest{'s' * (len(ts) > 1)} up"
+                ax.text(max(ts) + 0.006 * span, y, text, color=colour, fontsize=8, va="center")
     if w is not None and w.plateau_start is not None and w.plateau_end is not None:
         ax.axvspan(w.plateau_start / scale, w.plateau_end / scale, color=PLATEAU, alpha=0.07)
 
@@ -272,35 +286,27 @@ def merge_chart(samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows,
     """KSM counters in pages (left) and the same scale in MiB (right), saved memory shaded."""
 
     def build() -> Figure:
-        fig, (ax,) = _figure(4.6)
         t = samples["t"].to_numpy(float)
-        scale, unit = time_scale(float(t.max()))
-        handles: list[Any] = []
-        saved = saved_pages(samples).to_numpy(float)
-        xs, ys = reduce_minmax(t / scale, saved)
-        ax.fill_between(xs, ys, color="#a5d6a7", alpha=0.45, lw=0, zorder=0)
-        handles.append(Patch(color="#a5d6a7", label="memory saved (pages_sharing + zero pages)"))
+        f = _frame("Merge curves: KSM counters and memory saved", t, events, w, 5.2)
+        ax = f.panels[0]
+        x = t / f.scale
+        xs, ys = reduce_minmax(x, saved_pages(samples).to_numpy(float))
+        ax.fill_between(xs, ys, color=SAVED, alpha=0.45, lw=0, zorder=0)
+        handles: list[Any] = [Patch(color=SAVED, label="memory saved (pages_sharing + zero pages)")]
         for name, (colour, label) in SERIES.items():
             col = column(samples, name)
-            if col is None:
-                continue
-            xs, ys = reduce_minmax(t / scale, col.to_numpy(float))
-            (line,) = ax.plot(xs, ys, color=colour, label=label, zorder=3)
-            handles.append(line)
+            if col is not None:
+                xs, ys = reduce_minmax(x, col.to_numpy(float))
+                handles += ax.plot(xs, ys, color=colour, label=label, zorder=3)
         ax.set_ylim(bottom=0)
         ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
         ax.set_ylabel("pages")
-        ax.set_xlabel(f"time since run start ({unit})")
-        ax.set_xlim(t.min() / scale, t.max() / scale)
         mib = ax.secondary_yaxis(
             "right", functions=(lambda p: p * ps / MIB, lambda m: m * MIB / ps)
         )
-        mib.set_ylabel("MiB (same scale: pages x page size)")
+        mib.set_ylabel("MiB (pages x page size)")
         mib.yaxis.set_major_formatter(FuncFormatter(_thousands))
-        handles += _plateau(ax, w, scale) + _events(ax, events, scale)
-        ax.set_title("Merge curves: KSM counters and memory saved")
-        fig.legend(handles=handles, loc="outside right upper")
-        return fig
+        return _legend(f, handles + _plateau_handle(w))
 
     return _render("merge", "Merge curves", build)
 
@@ -315,85 +321,76 @@ def cost_chart(
         return None
 
     def build() -> Figure:
-        rows = (cpu is not None) + (scanned is not None)
-        fig, axes = _figure(3.0 * rows + 0.6, rows)
         t = samples["t"].to_numpy(float)
-        scale, unit = time_scale(float(t.max()))
-        ax_iter = iter(axes)
+        rows = (cpu is not None) + (scanned is not None)
+        title = "ksmd's cost"
+        if cpu is not None:
+            pct = cpu.fillna(0.0).to_numpy(float)
+            cum = np.cumsum(pct / 100.0 * np.diff(t, prepend=t[:1]))
+            title += f": {cum[-1]:,.1f} CPU seconds in all"
+        f = _frame(title, t, events, w, 2.8 * rows + 1.4, rows)
+        x = t / f.scale
+        panels = iter(f.panels)
         handles: list[Any] = []
         if cpu is not None:
-            ax = next(ax_iter)
-            pct = cpu.fillna(0.0).to_numpy(float)
-            xs, ys = reduce_minmax(t / scale, pct)
-            (line,) = ax.plot(xs, ys, color="#c62828", lw=1.2, label="ksmd CPU (% of one CPU)")
+            ax = next(panels)
+            xs, ys = reduce_minmax(x, pct)
+            handles += ax.plot(xs, ys, color="#c62828", lw=1.2, label="ksmd CPU, % of one CPU")
             ax.set_ylabel("% of one CPU")
-            ax.set_ylim(bottom=0, top=max(5.0, float(np.nanmax(pct)) * 1.1 if len(pct) else 5))
-            cum = np.cumsum(pct / 100.0 * np.diff(t, prepend=t[:1]))
+            ax.set_ylim(0, max(5.0, float(np.nanmax(pct)) * 1.1))
             right = ax.twinx()
             right.grid(False)
-            xs, ys = reduce_minmax(t / scale, cum)
-            (cline,) = right.plot(xs, ys, color="#424242", lw=1.2, ls="--")
-            cline.set_label("ksmd CPU seconds, cumulative (right)")
-            right.set_ylabel("CPU seconds")
+            xs, ys = reduce_minmax(x, cum)
+            handles += right.plot(
+                xs, ys, color="#424242", lw=1.3, ls="--", label="ksmd CPU seconds, cumulative"
+            )
+            right.set_ylabel("CPU seconds (dashed)")
             right.set_ylim(bottom=0)
-            ax.set_title(f"ksmd's cost: {cum[-1] if len(cum) else 0:,.1f} CPU seconds in all")
-            handles += [line, cline]
-            handles += _plateau(ax, w, scale) + _events(ax, events, scale)
         if scanned is not None:
-            ax = next(ax_iter)
-            dt = np.diff(t, prepend=np.nan)
-            rate = np.diff(scanned.to_numpy(float), prepend=np.nan) / dt
-            rate[~np.isfinite(rate) | (rate < 0)] = np.nan  # first row, resets
-            xs, ys = reduce_minmax(t / scale, rate)
-            (line,) = ax.plot(xs, ys, color="#00838f", lw=1.2, label="pages scanned per second")
-            handles.append(line)
+            ax = next(panels)
+            rate = np.diff(scanned.to_numpy(float), prepend=np.nan) / np.diff(t, prepend=np.nan)
+            rate[~np.isfinite(rate) | (rate < 0)] = np.nan  # first row, counter resets
+            xs, ys = reduce_minmax(x, rate)
+            handles += ax.plot(xs, ys, color="#00838f", lw=1.2, label="pages scanned per second")
             if configured:
-                ref = ax.axhline(configured, color="#00838f", ls=":", lw=1.4)
-                ref.set_label(f"configured: {configured:,.0f} pages/s")
+                ref = ax.axhline(configured, color="#00838f", ls=":", lw=1.5)
+                ref.set_label(f"configured rate: {configured:,.0f} pages/s")
                 handles.append(ref)
             ax.set_ylabel("pages/s")
             ax.set_ylim(bottom=0)
             ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
-            ax.set_title("Scan rate: pages_scanned per second", fontsize=11)
-            _plateau(ax, w, scale)
-            _events(ax, events, scale)
-        axes[-1].set_xlabel(f"time since run start ({unit})")
-        axes[-1].set_xlim(t.min() / scale, t.max() / scale)
-        fig.legend(handles=_unique(handles), loc="outside right upper")
-        return fig
+        return _legend(f, handles + _plateau_handle(w))
 
     return _render("cost", "ksmd CPU and scan rate", build)
 
 
-def memory_chart(samples: pd.DataFrame, events: list[dict[str, Any]]) -> str | None:
-    names = ["MemTotal", "MemAvailable", "MemFree", "AnonPages", "AnonHugePages", "Cached"]
-    names.append("Shmem")
-    present = [n for n in names if n in samples.columns]
+def memory_chart(
+    samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows | None = None
+) -> str | None:
+    present = [n for n in MEMINFO if n in samples.columns]
     if not present:
         return None
 
     def build() -> Figure:
-        fig, (ax,) = _figure(3.6)
         t = samples["t"].to_numpy(float)
-        scale, unit = time_scale(float(t.max()))
-        colours = ["#212121", "#2e7d32", "#66bb6a", "#1565c0", "#64b5f6", "#ef6c00", "#8e24aa"]
-        handles = []
-        for name, colour in zip(names, colours, strict=True):
-            col = column(samples, name)
-            if col is None:
-                continue
-            xs, ys = reduce_minmax(t / scale, col.to_numpy(float) / 1024**2)
+        f = _frame("Host memory (/proc/meminfo)", t, events, w, 4.4)
+        ax = f.panels[0]
+        handles: list[Any] = []
+        for name in present:
+            colour = MEMINFO[name]
+            xs, ys = reduce_minmax(t / f.scale, column(samples, name).to_numpy(float) / 1024**2)
             ls = "--" if name == "MemTotal" else "-"
-            (line,) = ax.plot(xs, ys, color=colour, ls=ls, lw=1.3, label=name)
-            handles.append(line)
+            handles += ax.plot(xs, ys, color=colour, ls=ls, lw=1.3, label=name)
         ax.set_ylim(bottom=0)
         ax.set_ylabel("GiB")
-        ax.set_xlabel(f"time since run start ({unit})")
-        ax.set_xlim(t.min() / scale, t.max() / scale)
-        handles += _events(ax, events, scale)
-        ax.set_title("Host memory (/proc/meminfo)")
-        fig.legend(handles=handles, loc="outside right upper")
-        return fig
+        total = column(samples, "MemTotal")
+        if total is not None and total.notna().any() and total.max() > 0:
+            gib = float(total.max()) / 1024**2
+            pct = ax.secondary_yaxis(
+                "right", functions=(lambda g: g / gib * 100, lambda p: p * gib / 100)
+            )
+            pct.set_ylabel("% of MemTotal")
+        return _legend(f, handles)
 
     return _render("memory", "Host memory", build)
 
@@ -407,13 +404,13 @@ def vm_chart(
         return None
 
     def build() -> Figure:
-        fig, (ax,) = _figure(4.4)
-        t_all = samples["t"].to_numpy(float) if len(samples) else m.t
-        scale, unit = time_scale(float(max(t_all.max(), m.t.max())))
+        t = samples["t"].to_numpy(float) if len(samples) else m.t
+        f = _frame("Per guest: ksm_merging_pages, stacked", t, events, w, 5.2)
+        ax = f.panels[0]
         values = np.nan_to_num(m.values) * ps / MIB
-        order = np.argsort(-np.nanmax(values, axis=0), kind="stable")
+        order = np.argsort(-values.max(axis=0), kind="stable")
         top = sorted(order[:TOP_GUESTS])
-        rest = [i for i in order[TOP_GUESTS:]]
+        rest = list(order[TOP_GUESTS:])
         layers = [values[:, i] for i in top]
         labels = [m.domains[i] for i in top]
         colours = [GUEST_COLOURS[k % len(GUEST_COLOURS)] for k in range(len(top))]
@@ -422,27 +419,33 @@ def vm_chart(
             labels.append(f"{len(rest)} other guests")
             colours.append("#bdbdbd")
         xs, ys = reduce_mean(m.t, np.column_stack(layers))
-        ax.stackplot(xs / scale, ys.T, labels=labels, colors=colours, alpha=0.9, lw=0)
-        handles, _ = ax.get_legend_handles_labels()
+        handles: list[Any] = list(
+            ax.stackplot(xs / f.scale, ys.T, labels=labels, colors=colours, alpha=0.9, lw=0)
+        )
         shared, sharing = column(samples, "pages_shared"), column(samples, "pages_sharing")
         if shared is not None and sharing is not None:
             total = (shared + sharing).to_numpy(float) * ps / MIB
-            gx, gy = reduce_minmax(samples["t"].to_numpy(float) / scale, total)
-            (line,) = ax.plot(gx, gy, color="#000000", ls="--", lw=1.4)
-            line.set_label("global pages_shared + pages_sharing")
-            handles.append(line)
+            gx, gy = reduce_minmax(t / f.scale, total)
+            handles += ax.plot(
+                gx,
+                gy,
+                color="#000000",
+                ls="--",
+                lw=1.4,
+                label="global pages_shared + pages_sharing",
+            )
         ax.set_ylim(bottom=0)
         ax.set_ylabel("merged memory (MiB)")
         ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
-        ax.xaxis.set_major_locator(MaxNLocator(12))
-        ax.set_xlabel(f"time since run start ({unit})")
-        ax.set_xlim(t_all.min() / scale, t_all.max() / scale)
-        handles += _plateau(ax, w, scale) + _events(ax, events, scale)
-        ax.set_title("Per guest: ksm_merging_pages, stacked")
-        fig.legend(handles=handles, loc="outside right upper")
-        return fig
+        return _legend(f, handles + _plateau_handle(w))
 
     return _render("vms", "Merged memory per guest", build)
+
+
+def _plateau_handle(w: Windows | None) -> list[Any]:
+    if w is None or w.plateau_start is None:
+        return []
+    return [Patch(color=PLATEAU, alpha=0.2, label="plateau (the metrics' window)")]
 
 
 def _unique(handles: list[Any]) -> list[Any]:

@@ -81,9 +81,13 @@ def remove_clone(
     name: str,
     volumes: list[tuple[str, str]] | None = None,
     console: str | None = None,
+    tag_volumes: bool = True,
 ) -> list[str]:
     """Stop, strip and undefine one tagged clone: destroy, delete its volumes, undefine, delete
-    its console log. Idempotent; refuses an untagged domain; never raises."""
+    its console log. Idempotent; refuses an untagged domain; never raises.
+
+    ``volumes`` are deleted; with ``tag_volumes`` so are the volumes the clone's tag names (for
+    a run that was killed before it could say which it had made)."""
     problems: list[str] = []
     try:
         dom = lookup(conn, name)
@@ -91,7 +95,8 @@ def remove_clone(
             tag = read_tag(dom)
             if tag is None or tag.kind != "clone":
                 return [f"refusing to remove domain {name}: it has no kvmksm clone tag"]
-            volumes = (volumes or []) + [v for v in tag.volumes if v not in (volumes or [])]
+            if tag_volumes:
+                volumes = (volumes or []) + [v for v in tag.volumes if v not in (volumes or [])]
             console = console or tag.attrs.get("console")
             if p := destroy(dom):
                 problems.append(p)

@@ -59,6 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="(re)build RUN_DIR/report.html from a run record")
     r.add_argument("run_dir", type=Path, nargs="+")
+
+    d = sub.add_parser(
+        "doctor", help="check what a run needs and what would spoil its figures (reads only)"
+    )
+    d.add_argument("scenario", nargs="?", help="also check this scenario's needs (base, memory)")
+    _connect_arg(d)
+
+    c = sub.add_parser(
+        "clean", help="remove what a killed run left (tagged guests, volumes) and restore knobs"
+    )
+    c.add_argument("-n", "--dry-run", action="store_true", help="say what would be done")
+    _connect_arg(c)
+
+    im = sub.add_parser("image", help="the tiny self-contained base image")
+    im_sub = im.add_subparsers(dest="image_command", metavar="ACTION")
+    im_sub.required = True
+    ib = im_sub.add_parser(
+        "build",
+        help="build the tiny base image from the host's kernel and busybox and define "
+        "it as the shut-off base domain",
+    )
+    ib.add_argument("--name", default="kvmksm-tiny", help="base domain name (default kvmksm-tiny)")
+    ib.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    _connect_arg(ib)
     return ap
 
 
@@ -135,7 +159,59 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "validate": cmd_validate, "report": cmd_report}
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from kvmksm import scenario
+    from kvmksm.doctor import diagnose
+    from kvmksm.hostfs import HostFS
+
+    sc = scenario.load(scenario.resolve_path(args.scenario)) if args.scenario else None
+    findings = diagnose(HostFS(), sc, args.connect)
+    out = Console(highlight=False)
+    style = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
+    for f in findings:
+        line = f"{style[f.level]} {f.what}"
+        if f.fix and f.level != "ok":
+            line += f" [dim]->[/] {f.fix}"
+        out.print(line, soft_wrap=True)
+    return 1 if any(f.level == "fail" for f in findings) else 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from kvmksm.hostfs import HostFS
+    from kvmksm.recover import clean
+
+    done, problems = clean(HostFS(), args.connect, dry_run=args.dry_run)
+    verb = "would " if args.dry_run else ""
+    for line in done:
+        print(f"{verb}{line}")
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    if not done and not problems:
+        print("nothing to clean: no leftovers of kvmksm runs on this host")
+    return 1 if problems else 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from kvmksm.image import build_image
+    from kvmksm.libvirt_conn import open_connection, resolve_uri
+
+    conn = open_connection(resolve_uri(args.connect))
+    try:
+        img = build_image(conn, name=args.name, force=args.force)
+    finally:
+        conn.close()
+    print(f"base domain {args.name}: {img}")
+    return 0
+
+
+COMMANDS = {
+    "bench": cmd_bench,
+    "validate": cmd_validate,
+    "report": cmd_report,
+    "doctor": cmd_doctor,
+    "clean": cmd_clean,
+    "image": cmd_image,
+}
 
 
 if __name__ == "__main__":

@@ -240,6 +240,7 @@ def clone_xml(base_xml: str, plan: ClonePlan) -> str:
     if plan.console:
         _log_console(devices, plan.console)
     _set_tag(root, plan)
+    ET.indent(root, "  ")
     return ET.tostring(root, encoding="unicode")
 
 
@@ -304,7 +305,7 @@ def _log_console(devices: ET.Element, path: str) -> None:
 
 
 def _set_tag(root: ET.Element, plan: ClonePlan) -> None:
-    meta = _child(root, "metadata")
+    meta = _child(root, "metadata", after="uuid")
     for el in list(meta):
         if el.tag.startswith(_K):
             meta.remove(el)

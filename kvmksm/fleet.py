@@ -49,6 +49,14 @@ from kvmksm.scenario import VmsWorkload
 from kvmksm.volumes import OWNED_POOL, Pool, create_copy, create_overlay, ensure_pool, volume_name
 
 
+def _volume_exists(pool: libvirt.virStoragePool, name: str) -> bool:
+    try:
+        pool.storageVolLookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
 class Recorder(Protocol):
     """Where created objects are noted as they appear (kvmksm.hoststate.ActiveRun fits)."""
 
@@ -106,6 +114,8 @@ class Fleet:
     guests: list[Guest] = field(default_factory=list)
     base: Base | None = None
     pool: Pool | None = None
+    # Volume names this fleet tried and failed to create: if they exist, they are not ours.
+    foreign: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[0-9a-f]{8}", self.run):
@@ -131,7 +141,11 @@ class Fleet:
         try:
             active = self.conn.storagePoolLookupByName(s.pool).isActive()
         except libvirt.libvirtError:
-            active = True  # absent: create() makes kvmksm's own pool
+            if s.pool not in ("default", OWNED_POOL):
+                raise UserError(
+                    f"storage pool {s.pool!r} not found at {self.conn.getURI()}"
+                ) from None
+            active = True  # create() makes kvmksm's own pool
         if not active:
             raise UserError(f"storage pool {s.pool!r} is not active (virsh pool-start {s.pool})")
         return self.base
@@ -190,6 +204,10 @@ class Fleet:
         assert self.base is not None and self.pool is not None
         plan = self.plan(index, taken)
         xml = clone_xml(self.base.xml, plan)
+        for d in plan.disks:
+            if _volume_exists(self.pool.pool, d.volume):
+                self.foreign.add((d.pool, d.volume))
+                raise UserError(f"volume {d.pool}/{d.volume} already exists")
         g = Guest(plan.name, plan.uuid, index, plan.macs, [], plan.console)
         self.guests.append(g)
         try:
@@ -205,6 +223,7 @@ class Fleet:
                 else:
                     vol = create_copy(self.conn, self.pool.pool, d.volume, base_disk)
             except libvirt.libvirtError as e:
+                self.foreign.add((d.pool, d.volume))
                 raise UserError(
                     f"cannot create volume {d.pool}/{d.volume} for {plan.name}: "
                     f"{e.get_error_message()}"
@@ -274,7 +293,7 @@ class Fleet:
         logs. Idempotent, never raises; returns what could not be removed."""
         problems: list[str] = []
         for g in reversed(self.guests):
-            p = remove_clone(self.conn, g.name, list(g.volumes), g.console)
+            p = remove_clone(self.conn, g.name, list(g.volumes), g.console, tag_volumes=False)
             problems += p
             if not p:
                 for pool, vol in g.volumes:
@@ -284,6 +303,7 @@ class Fleet:
                     self.log("guest removed", g.name)
         try:  # anything of this run the list above missed (e.g. a kill mid-create)
             left = find_leftovers(self.conn, self.run)
+            left.volumes = [v for v in left.volumes if v not in self.foreign]
             problems += remove_leftovers(self.conn, left)
         except Exception as e:  # noqa: BLE001 - teardown never raises
             problems.append(f"looking for leftovers of run {self.run}: {e}")

@@ -207,7 +207,7 @@ def _charts(record: Record, a: Analysis, ps: int) -> list[dict[str, str]]:
         (
             "memory",
             "Host memory",
-            charts.memory_chart(s, events),
+            charts.memory_chart(s, events, w),
             "The host's /proc/meminfo over the run, in GiB.",
         ),
     ]

@@ -185,12 +185,13 @@ class GuestFill(Strict):
 
 
 class Steady(Strict):
-    """The merge curve is steady when full scans keep advancing and pages_sharing moved by
-    less than `threshold` (a fraction of its value) over `window`."""
+    """The merge curve is steady once `min_full_scans` full scans have completed since KSM
+    went on and `pages_sharing` moved by less than `threshold` (a fraction of its value)
+    during the last full scan (and, when `window` > 0, over the last `window` too)."""
 
-    window: Duration = 10.0
+    min_full_scans: int = Field(default=3, ge=1)
     threshold: float = Field(default=0.01, ge=0)
-    min_full_scans: int = Field(default=2, ge=0)
+    window: Duration = 0.0
     timeout: Duration = 600.0
 
 

@@ -57,24 +57,32 @@ def pool_path(pool: libvirt.virStoragePool) -> tuple[str, str]:
 
 
 def ensure_pool(conn: libvirt.virConnect, name: str) -> Pool:
-    """The scenario's pool if it exists and runs; else kvmksm's own dir pool, made on first use.
+    """The scenario's pool if it exists and runs. When the pool is ``default`` (a fresh host
+    may have none) or ``kvmksm`` and does not exist, kvmksm's own dir pool ``kvmksm`` at
+    ``<data dir>/pool``, made on first use and kept for later runs.
 
-    A user's pool that exists but is inactive is an error (kvmksm does not start other people's
-    pools); only the pool named ``kvmksm`` at ``<state dir>/pool`` is ever created.
+    A user's pool that is absent (other than ``default``) or inactive is an error: kvmksm
+    neither guesses nor starts other people's pools.
     """
     created = False
     try:
         pool = conn.storagePoolLookupByName(name)
     except libvirt.libvirtError:
-        pool, created = _owned_pool(conn), True
+        if name not in ("default", OWNED_POOL):
+            raise UserError(f"storage pool {name!r} not found at {conn.getURI()}") from None
+        pool, created = _owned_pool(conn)
         name = OWNED_POOL
     if not pool.isActive():
-        if created or name == OWNED_POOL:
-            pool.create(0)
-        else:
+        if name != OWNED_POOL:
             raise UserError(
                 f"storage pool {name!r} is not active (start it: virsh pool-start {name})"
             )
+        try:
+            pool.create(0)  # kvmksm's own pool, e.g. after a host reboot
+        except libvirt.libvirtError as e:
+            raise UserError(
+                f"cannot start storage pool {name!r}: {e.get_error_message()}"
+            ) from None
     kind, path = pool_path(pool)
     if kind not in _DIR_POOLS:
         raise UserError(f"storage pool {name!r} is of type {kind!r}; clones need a dir pool")
@@ -82,9 +90,10 @@ def ensure_pool(conn: libvirt.virConnect, name: str) -> Pool:
     return Pool(pool, pool.name(), path, created)
 
 
-def _owned_pool(conn: libvirt.virConnect) -> libvirt.virStoragePool:
+def _owned_pool(conn: libvirt.virConnect) -> tuple[libvirt.virStoragePool, bool]:
+    """kvmksm's own pool, and whether it was defined just now."""
     try:
-        return conn.storagePoolLookupByName(OWNED_POOL)
+        return conn.storagePoolLookupByName(OWNED_POOL), False
     except libvirt.libvirtError:
         pass
     target = paths.pool_dir()
@@ -98,7 +107,7 @@ def _owned_pool(conn: libvirt.virConnect) -> libvirt.virStoragePool:
         pool.setAutostart(1)
     except libvirt.libvirtError as e:
         raise UserError(f"cannot create storage pool {OWNED_POOL!r} at {target}: {e}") from None
-    return pool
+    return pool, True
 
 
 def describe_disk(conn: libvirt.virConnect, path: str, fmt: str | None) -> tuple[int, str]:

@@ -1,0 +1,237 @@
+"""The vms workload: clones of a base VM, started with ksmd off; then KSM on until the merge
+curve is steady; optionally unmerge; everything torn down. Each phase is an event."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from kvmksm.errors import UserError
+from kvmksm.hostfs import HostFS
+from kvmksm.ksm import Ksm
+from kvmksm.sampler import Probe
+from kvmksm.scenario import VmsWorkload
+from kvmksm.steady import SteadyDetector
+from kvmksm.units import format_size
+from kvmksm.workloads.base import RunContext, Workload
+
+POLL = 0.2  # seconds between steady-state readings
+
+
+def _memory_of(xml: str) -> int:
+    """Bytes of <memory> in a domain XML."""
+    import xml.etree.ElementTree as ET
+
+    el = ET.fromstring(xml).find("memory")
+    if el is None or not el.text:
+        return 0
+    scale = {
+        "b": 1,
+        "bytes": 1,
+        "kib": 1024,
+        "k": 1024,
+        "mib": 1 << 20,
+        "m": 1 << 20,
+        "gib": 1 << 30,
+        "g": 1 << 30,
+    }
+    return int(el.text) * scale.get(el.get("unit", "KiB").lower(), 1024)
+
+
+class VmsRun(Workload):
+    def __init__(self, spec: VmsWorkload, connect: str | None = None) -> None:
+        self.spec = spec
+        self.connect = connect
+        self.conn: Any = None
+        self.fleet: Any = None
+        self.pids: dict[str, int] = {}
+        self.fs: HostFS | None = None
+
+    # -- before anything is created -------------------------------------------------------
+    def preflight(self, fs: HostFS, ksm: Ksm) -> None:
+        from kvmksm.fleet import Fleet
+        from kvmksm.libvirt_conn import open_connection, resolve_uri
+
+        self.fs = fs
+        have = set(ksm.files())
+        for key in self.spec.expect:
+            if key not in have:
+                raise UserError(f"workload.expect.{key}: this kernel has no such KSM file")
+        self.uri = resolve_uri(self.connect, self.spec.connect)
+        self.conn = open_connection(self.uri)
+        try:
+            self._check_base(Fleet(self.conn, self.spec), fs)
+        except BaseException:
+            self.conn.close()
+            self.conn = None
+            raise
+
+    def _check_base(self, fleet: Any, fs: HostFS) -> None:
+        try:
+            base = fleet.check()  # base exists and is shut off, pool usable, boot possible
+        except UserError as e:
+            name = getattr(self.spec.base, "domain", None)
+            if name and "not found" in str(e):
+                raise UserError(
+                    f"base domain '{name}' not found at {self.uri}: define your guest there "
+                    f"and shut it off (virsh -c {self.uri} define ...), or run the "
+                    "self-contained scenario instead: kvmksm bench scenarios/tiny3.yaml"
+                ) from None
+            raise
+        per_guest = self.spec.memory or _memory_of(base.xml)
+        need = per_guest * self.spec.clones
+        avail = fs.meminfo().get("MemAvailable", 0) * 1024
+        if need > 0.9 * avail:
+            raise UserError(
+                f"workload: {self.spec.clones} clones x {format_size(per_guest)} = "
+                f"{format_size(need)} does not fit in 90% of available memory "
+                f"({format_size(avail)})"
+            )
+
+    def probes(self) -> list[Probe]:
+        from kvmksm.vmprobe import VmProbe
+
+        assert self.fs is not None
+        return [VmProbe(self.fs, lambda: dict(self.pids))]
+
+    # -- the timeline ---------------------------------------------------------------------
+    def run(self, ctx: RunContext) -> None:
+        from kvmksm.fleet import Fleet
+        from kvmksm.libvirt_conn import versions
+
+        spec = self.spec
+        ctx.record.data["host"].update(versions(self.conn))
+        ctx.record.save()
+
+        def log(kind: str, detail: str) -> None:
+            ctx.record.event(kind.replace(" ", "_"), detail)
+
+        self.fleet = fleet = Fleet(
+            self.conn, spec, record=ctx.record.dir.name, recorder=ctx.active, log=log
+        )
+        ctx.record.event(
+            "workload_start",
+            f"{spec.clones} clones ({spec.disk}) of {fleet.check().name}, type {spec.domain_type}",
+        )
+        with ctx.phase(f"creating {spec.clones} clones"):
+            fleet.create()
+        with ctx.phase(f"starting {spec.clones} guests"):
+            fleet.start()
+        with ctx.phase(f"waiting for {spec.clones} guests to come up ({spec.boot.method})"):
+            times = fleet.wait_up()
+        ctx.record.event("all_up", f"slowest boot {max(times.values()):.1f}s")
+        self.pids = fleet.pids(ctx.fs)
+        ctx.record.update(guests=[self._guest_info(g) for g in fleet.guests])
+        with ctx.phase(f"settling for {spec.settle:g}s"):
+            time.sleep(spec.settle)
+        ctx.record.event("settle_done", f"{spec.settle:g}s")
+
+        ctx.ksm.write("run", 1)
+        ctx.record.event("ksm_on", "run=1")
+        self._until_steady(ctx)
+        self._reconcile(ctx)
+        ctx.check("steady", spec.expect)
+        if spec.unmerge:
+            with ctx.phase("unmerging (run=2)"):
+                t = time.monotonic()
+                ctx.ksm.write("run", 2)  # returns once every merged page is split again
+                secs = time.monotonic() - t
+            ctx.record.event(
+                "unmerge",
+                "run=2",
+                seconds=round(secs, 4),
+                pages_sharing=ctx.ksm.read("pages_sharing"),
+            )
+
+    def _guest_info(self, g: Any) -> dict[str, Any]:
+        info = dict(g.as_dict())
+        try:
+            info["memory_kb"] = self.conn.lookupByName(g.name).maxMemory()
+        except Exception:  # a guest that vanished is reported by the probe, not here
+            info["memory_kb"] = None
+        return info
+
+    def _until_steady(self, ctx: RunContext) -> None:
+        spec = self.spec.steady
+        det = SteadyDetector(spec)
+        start = time.monotonic()
+        page = os.sysconf("SC_PAGE_SIZE")
+        with ctx.phase("KSM on: waiting for the merge curve to level off") as update:
+            while True:
+                scans = int(ctx.ksm.read("full_scans"))
+                sharing = int(ctx.ksm.read("pages_sharing"))
+                elapsed = time.monotonic() - start
+                if det.update(elapsed, scans, sharing):
+                    ctx.record.event(
+                        "steady", det.reason, seconds=round(elapsed, 3), pages_sharing=sharing
+                    )
+                    return
+                if elapsed > spec.timeout:
+                    ctx.record.event(
+                        "steady_timeout",
+                        f"not steady after {spec.timeout:g}s (pages_sharing {sharing})",
+                        seconds=round(elapsed, 3),
+                        pages_sharing=sharing,
+                    )
+                    return
+                update(
+                    f"KSM on {elapsed:.0f}s: pages_sharing {sharing} "
+                    f"({format_size(sharing * page)} saved), "
+                    f"{scans - (det.start_scans or scans)} full scans"
+                )
+                time.sleep(POLL)
+
+    def _reconcile(self, ctx: RunContext) -> None:
+        """The sum of the guests' ksm_merging_pages against pages_shared + pages_sharing.
+
+        Each KSM page mapped k times counts 1 in pages_shared, k-1 in pages_sharing and k
+        in the merging pages of the processes mapping it, so with only our guests merging
+        the two must match, up to what changed between the reads."""
+        from kvmksm.hostfs import parse_keyvalue
+
+        per_vm = {}
+        for name, pid in self.pids.items():
+            try:
+                per_vm[name] = parse_keyvalue(ctx.fs.read(f"proc/{pid}/ksm_stat")).get(
+                    "ksm_merging_pages", 0
+                )
+            except OSError:
+                per_vm[name] = None
+        c = ctx.ksm.read_counters()
+        total = sum(v for v in per_vm.values() if v)
+        glob = c.get("pages_shared", 0) + c.get("pages_sharing", 0)
+        rel = abs(total - glob) / glob if glob else 0.0
+        ctx.record.update(
+            reconciliation={
+                "t": ctx.record.now(),
+                "per_vm_merging_pages": per_vm,
+                "sum_merging_pages": total,
+                "pages_shared_plus_sharing": glob,
+                "relative_difference": round(rel, 6),
+            }
+        )
+        ctx.record.event(
+            "reconciled",
+            f"sum of guests' ksm_merging_pages {total} vs pages_shared + "
+            f"pages_sharing {glob} ({rel:.3%})",
+        )
+
+    # -- teardown --------------------------------------------------------------------------
+    def teardown(self, ctx: RunContext) -> list[str]:
+        problems: list[str] = []
+        if self.fleet is not None:
+            try:
+                self.fleet.save_consoles(ctx.record.dir / "consoles")
+            except OSError as e:
+                problems.append(f"saving console logs: {e}")
+            problems += self.fleet.teardown()
+            self.fleet = None
+        self.pids = {}
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+            self.conn = None
+        return problems
