@@ -6,7 +6,6 @@ cgroup v1 (`memory.limit_in_bytes`), as on hosts where only v1's memory is mount
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -58,14 +57,14 @@ class MemoryCgroup:
         self.fs.write(f"{self.rel}/cgroup.procs", str(pid))
 
     def remove(self) -> None:
-        """Remove the group once its processes are gone (rmdir fails while busy)."""
+        """Remove the group once its processes are gone (rmdir says EBUSY until then)."""
+        path = self.fs.path(self.rel)
         for _ in range(100):
             try:
-                os.rmdir(self.fs.path(self.rel))
+                os.rmdir(path)
                 return
             except FileNotFoundError:
                 return
             except OSError:
                 time.sleep(0.05)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.fs.path(self.rel))
+        os.rmdir(path)  # one last time, letting the error say why

@@ -270,9 +270,16 @@ def to_svg(fig: Figure, name: str, title: str) -> str:
     svg = re.sub(r' xmlns(:xlink)?="[^"]*"', "", svg, count=2)
     svg = re.sub(r'(<svg[^>]*?) width="[^"]*" height="[^"]*"', r"\1", svg, count=1)
     svg = svg.replace("<svg ", f'<svg class="chart" role="img" aria-label="{title}" ', 1)
-    svg = re.sub(r'\bid="', f'id="{name}-', svg)
-    svg = svg.replace('xlink:href="#', f'xlink:href="#{name}-')
-    return svg.replace("url(#", f"url(#{name}-")
+    # matplotlib derives clip-path ids from unrounded float bounds, which can differ in the
+    # last bit between builds: number the ids in order of appearance instead.
+    ids: dict[str, str] = {}
+    for m in re.finditer(r'\bid="([^"]+)"', svg):
+        ids.setdefault(m.group(1), f"{name}-{len(ids) + 1}")
+    return re.sub(
+        r'(\bid="|xlink:href="#|url\(#)([^")]+)',
+        lambda m: m.group(1) + ids.get(m.group(2), m.group(2)),
+        svg,
+    )
 
 
 def _render(name: str, title: str, build: Any) -> str:

@@ -125,7 +125,9 @@ def test_record_without_samples_still_renders(tmp_path):
 
 def test_long_record_is_reduced(tmp_path):
     # 6 hours at 1 Hz with a one-second ksmd spike that must survive the reduction
-    d = vm_record(tmp_path / "long", VmRun(duration=6 * 3600.0, rise=3600.0, steady=None))
+    d = vm_record(
+        tmp_path / "long", VmRun(duration=6 * 3600.0, rise=3600.0, steady=None, unmerge=None)
+    )
     s = (d / "samples.csv").read_text().splitlines()
     s[7000] = re.sub(r",50.0,", ",97.5,", s[7000])  # the spike, inside the rise
     (d / "samples.csv").write_text("\n".join(s) + "\n")
