@@ -41,6 +41,7 @@ def schedule(duration: float, interval: float) -> tuple[list[float], int, int]:
         sampler.start()
         time.sleep(duration)
         sampler.stop(final_tick=False)
+        print(f"sampler thread real-time (SCHED_FIFO 1): {sampler.realtime}")
         return sampler.lateness, sampler.missed, sampler.out.rows
 
 

@@ -12,6 +12,7 @@ run.json carry their own explanation.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -411,17 +412,31 @@ class VmMatrix:
 
 
 def vm_matrices(vm: pd.DataFrame, names: tuple[str, ...]) -> dict[str, VmMatrix | None]:
-    """Pivot several long-format columns at once (factorizing t and domain only once)."""
-    t_codes, t_vals = pd.factorize(vm["t"].to_numpy(dtype=float), sort=True)
-    d_codes, d_vals = pd.factorize(vm["domain"].astype(str).to_numpy(), sort=True)
-    t_axis, domains = np.asarray(t_vals, dtype=float), [str(d) for d in d_vals]
+    """Pivot several long-format columns at once (indexing t and domain only once)."""
+    d_codes, d_vals = pd.factorize(vm["domain"].to_numpy(), sort=True)  # NaN -> -1
+    t = vm["t"].to_numpy(float)
+    keep = ~np.isnan(t) & (d_codes >= 0)
+    if not keep.all():
+        t, d_codes = t[keep], d_codes[keep]
+    steps = np.diff(t)
+    if np.all(steps >= 0):  # written tick by tick: a new tick wherever t changes, O(n)
+        new_tick = np.concatenate([[True], steps != 0]) if len(t) else np.zeros(0, bool)
+        t_axis, t_codes = t[new_tick], np.cumsum(new_tick) - 1
+    else:
+        t_codes, t_axis = pd.factorize(t, sort=True)
+    t_axis, domains = np.asarray(t_axis, dtype=float), [str(d) for d in d_vals]
     out: dict[str, VmMatrix | None] = {}
     for name in names:
         if name not in vm.columns:
             out[name] = None
             continue
         values = np.full((len(t_axis), len(domains)), np.nan)
-        values[t_codes, d_codes] = pd.to_numeric(vm[name], errors="coerce").to_numpy(float)
+        col = vm[name]
+        if not pd.api.types.is_numeric_dtype(col):
+            col = pd.to_numeric(col, errors="coerce")
+        values[t_codes, d_codes] = (
+            col.to_numpy(float)[keep] if not keep.all() else col.to_numpy(float)
+        )
         out[name] = VmMatrix(t_axis, domains, values)
     return out
 
@@ -456,7 +471,12 @@ def _plateau_rows(t: np.ndarray, w: Windows) -> np.ndarray:
 def _nanmedian(a: np.ndarray, axis: int = 0) -> np.ndarray:
     if a.shape[axis] == 0 or np.isnan(a).all():
         return np.full(a.shape[1 - axis] if a.ndim == 2 else 1, np.nan)
-    return np.nanmedian(a, axis=axis)
+    nans = np.isnan(a)
+    if not nans.any():
+        return np.median(a, axis=axis)  # vectorised; nanmedian goes column by column
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a guest with no sample: NaN
+        return np.nanmedian(a, axis=axis)
 
 
 def vm_analysis(record: Record, w: Windows | None = None) -> VmAnalysis | None:

@@ -136,10 +136,15 @@ def time_scale(t_max: float) -> tuple[float, str]:
     return 3600.0, "h"
 
 
-def _thousands(v: float, _pos: object = None) -> str:
-    if abs(v) >= 1e7:
-        return f"{v / 1e6:,.0f}M"
-    return f"{v:,.0f}" if abs(v) >= 10 or v == int(v) else f"{v:,.1f}"
+def _count_axis(axis: Any) -> None:
+    """Tick labels with thousands separators, or in millions when the axis goes past 2M."""
+
+    def fmt(v: float, _pos: object = None) -> str:
+        if axis.get_view_interval().max() >= 2e6:
+            return f"{v / 1e6:,.10g}M" if v else "0"
+        return f"{v:,.0f}" if abs(v) >= 10 or v == int(v) else f"{v:,.1f}"
+
+    axis.set_major_formatter(FuncFormatter(fmt))
 
 
 EVENT_PRIORITY = ("ksm_on", "steady", "unmerge", "all_up", "round_filled", "error", "interrupted")
@@ -289,12 +294,25 @@ def _render(name: str, title: str, build: Any) -> str:
 
 
 # -- the charts -----------------------------------------------------------------------
-def merge_chart(samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows, ps: int) -> str:
-    """KSM counters in pages (left) and the same scale in MiB (right), saved memory shaded."""
+def merge_chart(
+    samples: pd.DataFrame,
+    events: list[dict[str, Any]],
+    w: Windows,
+    ps: int,
+    zoom: tuple[float, float] | None = None,
+) -> str:
+    """KSM counters in pages (left) and the same scale in MiB (right), saved memory shaded;
+    with `zoom` (start, end in s), only that part of the run."""
+    title = "Merge curves: KSM counters and memory saved"
+    if zoom is not None:
+        keep = samples["t"].between(*zoom)
+        samples = samples[keep]
+        events = [e for e in events if zoom[0] <= e["t"] <= zoom[1]]
+        title = "Merge curves, zoomed on the rise after KSM went on"
 
     def build() -> Figure:
         t = samples["t"].to_numpy(float)
-        f = _frame("Merge curves: KSM counters and memory saved", t, events, w, 5.2)
+        f = _frame(title, t, events, w, 5.2)
         ax = f.panels[0]
         x = t / f.scale
         xs, ys = reduce_minmax(x, saved_pages(samples).to_numpy(float))
@@ -306,16 +324,27 @@ def merge_chart(samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows,
                 xs, ys = reduce_minmax(x, col.to_numpy(float))
                 handles += ax.plot(xs, ys, color=colour, label=label, zorder=3)
         ax.set_ylim(bottom=0)
-        ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
+        _count_axis(ax.yaxis)
         ax.set_ylabel("pages")
-        mib = ax.secondary_yaxis(
-            "right", functions=(lambda p: p * ps / MIB, lambda m: m * MIB / ps)
-        )
+        to_mib = (lambda p: p * ps / MIB, lambda m: m * MIB / ps)
+        mib = ax.secondary_yaxis("right", functions=to_mib)
         mib.set_ylabel("MiB (pages x page size)")
-        mib.yaxis.set_major_formatter(FuncFormatter(_thousands))
+        _count_axis(mib.yaxis)
         return _legend(f, handles + _plateau_handle(w))
 
-    return _render("merge", "Merge curves", build)
+    name = "merge" if zoom is None else "merge-zoom"
+    return _render(name, "Merge curves" + (", zoomed" if zoom else ""), build)
+
+
+def zoom_window(samples: pd.DataFrame, w: Windows) -> tuple[float, float] | None:
+    """Where to zoom when the rise to the plateau is too short to see on the whole run."""
+    if samples.empty or w.t_on is None or w.plateau_start is None:
+        return None
+    t0, t1 = float(samples["t"].iloc[0]), float(samples["t"].iloc[-1])
+    rise = max(w.plateau_start - w.t_on, 10.0)
+    if rise > 0.2 * (t1 - t0):
+        return None
+    return max(t0, w.t_on - 0.25 * rise), min(t1, w.plateau_start + 0.75 * rise)
 
 
 def cost_chart(
@@ -365,7 +394,8 @@ def cost_chart(
                 handles.append(ref)
             ax.set_ylabel("pages/s")
             ax.set_ylim(bottom=0)
-            ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
+            ax.set_title("Scan rate: growth of pages_scanned", fontsize=10.5, fontweight="normal")
+            _count_axis(ax.yaxis)
         return _legend(f, handles + _plateau_handle(w))
 
     return _render("cost", "ksmd CPU and scan rate", build)
@@ -443,7 +473,7 @@ def vm_chart(
             )
         ax.set_ylim(bottom=0)
         ax.set_ylabel("merged memory (MiB)")
-        ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
+        _count_axis(ax.yaxis)
         return _legend(f, handles + _plateau_handle(w))
 
     return _render("vms", "Merged memory per guest", build)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -13,6 +14,9 @@ from rich.table import Table
 from kvmksm import __version__
 from kvmksm.checks import describe
 from kvmksm.errors import UserError
+
+if TYPE_CHECKING:
+    from kvmksm.scenario import Scenario
 
 DEFAULT_OUTPUT = Path("reports")
 
@@ -83,7 +87,45 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--name", default="kvmksm-tiny", help="base domain name (default kvmksm-tiny)")
     ib.add_argument("--force", action="store_true", help="rebuild even if up to date")
     _connect_arg(ib)
+
+    w = sub.add_parser(
+        "watch",
+        help="record KSM and every running guest on a live host, changing nothing",
+    )
+    w.add_argument(
+        "--duration", type=_duration, help="stop after this long (30s, 15m, 1h; default: Ctrl-C)"
+    )
+    w.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="folder for run records (default: reports/; the record goes in OUTPUT/watch/)",
+    )
+    w.add_argument(
+        "--interval", type=_duration, default=1.0, help="sample period (default 1s, at least 0.1s)"
+    )
+    w.add_argument("--no-report", action="store_true", help="do not write report.html")
+    w.add_argument(
+        "-c",
+        "--connect",
+        metavar="URI",
+        help="libvirt URI, opened read-only (default: LIBVIRT_DEFAULT_URI, then qemu:///system)",
+    )
+    _experiment_parsers(sub)
     return ap
+
+
+def _duration(text: str) -> float:
+    from kvmksm.units import parse_duration
+
+    try:
+        value = parse_duration(float(text) if text.replace(".", "", 1).isdigit() else text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +147,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sc, path = load_scenario(args.scenario)
     connect = args.connect or os.environ.get("LIBVIRT_DEFAULT_URI")
     out = Console(highlight=False)
+    if sc.repeats > 1 or sc.matrix:  # an experiment: every point x repeats, one run each
+        return _bench_experiment(sc, path, connect, args, out)
     result = bench(sc, args.output, scenario_file=path, connect=connect)
     if not args.no_report:
         _write_report(result.record_dir)
@@ -147,7 +191,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     for arg in args.scenario:
         sc = scenario.load(scenario.resolve_path(arg))
-        print(f"{arg}: ok ({sc.workload.type} workload, scenario {sc.name})")
+        runs = ""
+        if sc.repeats > 1 or sc.matrix:
+            from kvmksm.experiment import points
+
+            n = len(points(sc))
+            runs = f"; {n} point(s) x {sc.repeats} repeat(s) = {n * sc.repeats} runs"
+        print(f"{arg}: ok ({sc.workload.type} workload, scenario {sc.name}{runs})")
     return 0
 
 
@@ -204,13 +254,131 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from kvmksm.watch import watch
+
+    if args.interval < 0.1:
+        raise UserError("--interval: at least 0.1s")
+    result = watch(
+        args.output,
+        duration=args.duration,
+        connect=args.connect,
+        interval=args.interval,
+        report=not args.no_report,
+    )
+    return result.exit_code
+
+
+# -- experiments: bench of a matrix, compare, plan ---------------------------------------
+def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="records or experiments side by side: metrics, differences beyond noise, curves",
+    )
+    c.add_argument("paths", nargs="+", metavar="PATH", help="run record, experiment, or a folder")
+    c.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="HTML file (default: compare.html here, or inside the experiment when comparing one)",
+    )
+    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    c.add_argument(
+        "--by-argument",
+        action="store_true",
+        help="one group per PATH instead of grouping records by what they ran",
+    )
+    c.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    p = sub.add_parser("plan", help="how many guests fit, from a sweep of the guest count")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="experiment, run records, or a folder")
+    p.add_argument(
+        "--guest-memory", metavar="SIZE", help="memory per guest (default: the records')"
+    )
+    p.add_argument(
+        "--host-memory", metavar="SIZE", help="host memory (default: the records' host MemTotal)"
+    )
+    p.add_argument(
+        "--headroom",
+        default="10%",
+        metavar="PCT|SIZE",
+        help="memory kept free: a share of host memory or a size (default 10%%)",
+    )
+    p.add_argument("--overhead", default="0", metavar="SIZE", help="extra memory per guest")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="HTML file (default: plan.html here, or inside the experiment)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _bench_experiment(
+    sc: Scenario, path: str, connect: str | None, args: argparse.Namespace, out: Console
+) -> int:
+    from kvmksm.experiment import run_experiment, summary_table
+
+    result = run_experiment(sc, args.output, path, connect, reports=not args.no_report)
+    out.print(summary_table(result.dir))
+    if result.index.get("error"):
+        out.print(f"[bold red]error:[/] {result.index['error']}", soft_wrap=True)
+    out.print(f"experiment: {result.dir}", soft_wrap=True)
+    for name in ("compare.html", "plan.html"):
+        if (result.dir / name).exists():
+            out.print(f"{name.split('.')[0]}: {result.dir / name}", soft_wrap=True)
+    return result.exit_code
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmksm import compare
+
+    cmp = compare.compare(compare.collect(args.paths), args.by_argument, args.alpha)
+    html = compare.write_html(
+        cmp, args.output or compare.default_output(args.paths, "compare.html")
+    )
+    if args.json:
+        print(json.dumps(cmp.to_json() | {"html": str(html)}, indent=1, default=str))
+    else:
+        out = Console(highlight=False)
+        compare.terminal(cmp, out)
+        out.print(f"report: {html}", soft_wrap=True)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmksm import compare, plan
+
+    plans = plan.plan(
+        compare.collect(args.paths),
+        guest_memory=plan.parse_size_arg(args.guest_memory, "--guest-memory"),
+        host_memory=plan.parse_size_arg(args.host_memory, "--host-memory"),
+        headroom=args.headroom,
+        overhead=plan.parse_size_arg(args.overhead, "--overhead") or 0,
+    )
+    html = plan.write_html(plans, args.output or compare.default_output(args.paths, "plan.html"))
+    if args.json:
+        print(json.dumps(plan.to_json(plans) | {"html": str(html)}, indent=1, default=str))
+    else:
+        out = Console(highlight=False)
+        plan.terminal(plans, out)
+        out.print(f"report: {html}", soft_wrap=True)
+    return 0
+
+
 COMMANDS = {
+    "compare": cmd_compare,
+    "plan": cmd_plan,
     "bench": cmd_bench,
     "validate": cmd_validate,
     "report": cmd_report,
     "doctor": cmd_doctor,
     "clean": cmd_clean,
     "image": cmd_image,
+    "watch": cmd_watch,
 }
 
 

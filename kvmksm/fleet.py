@@ -161,7 +161,7 @@ class Fleet:
         try:
             self.pool = ensure_pool(self.conn, self.spec.pool)
             if self.pool.created:
-                self.recorder.created("pool", name=OWNED_POOL, path=self.pool.path)
+                # Kept for later runs (not a leftover), so only the run's events say so.
                 self.log("pool created", f"{self.pool.name} at {self.pool.path}")
             paths.console_dir().mkdir(parents=True, exist_ok=True)
             taken = macs_in_use(self.conn)

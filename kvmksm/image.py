@@ -74,11 +74,11 @@ if [ "$fill" -gt 0 ]; then
   while [ "$size" -lt "$fill" ]; do
     n=$size
     [ $((size + n)) -le "$fill" ] || n=$((fill - size))
-    if [ $((n % 4096)) -eq 0 ]; then
-      dd if=$f of=$f bs=4096 count=$((n / 4096)) seek=$((size / 4096)) conv=notrunc 2>/dev/null
-    else
-      dd if=$f of=$f bs=1 count=$n seek=$size conv=notrunc 2>/dev/null
-    fi
+    bs=1  # the largest block dividing offset and length (small: dd's buffer is freed memory)
+    for b in 65536 4096; do
+      if [ $((size % b)) -eq 0 ] && [ $((n % b)) -eq 0 ]; then bs=$b; break; fi
+    done
+    dd if=$f of=$f bs=$bs count=$((n / bs)) seek=$((size / bs)) conv=notrunc 2>/dev/null
     size=$((size + n))
   done
   [ "$fill" -ge 4096 ] || dd if=$f of=$f bs=1 count=0 seek="$fill" 2>/dev/null

@@ -188,6 +188,7 @@ def _charts(record: Record, a: Analysis, ps: int) -> list[dict[str, str]]:
     if s.empty:
         return []
     configured, _ = configured_scan_rate(record, w)
+    zoom = charts.zoom_window(s, w)
     out = [
         (
             "merge",
@@ -196,6 +197,13 @@ def _charts(record: Record, a: Analysis, ps: int) -> list[dict[str, str]]:
             "Counters in pages (left axis) and the same scale in MiB (right axis). The green "
             "area is memory saved. Vertical lines are the run's events; the shaded band is the "
             "plateau the metrics are taken over.",
+        ),
+        (
+            "merge-zoom",
+            "Merge curves, zoomed",
+            charts.merge_chart(s, events, w, ps, zoom) if zoom else None,
+            "The same curves from just before KSM went on until well into the plateau, where "
+            "the whole run is too long to see the rise.",
         ),
         (
             "cost",

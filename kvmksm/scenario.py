@@ -221,6 +221,9 @@ class Scenario(Strict):
     sample_interval: Duration = Field(default=1.0, ge=0.1, le=3600)
     knobs: Annotated[dict[str, int | str], AfterValidator(_check_knob_keys)] = {}
     workload: Workload
+    # An experiment: every point of the matrix (cross product of the axes), `repeats` times.
+    repeats: int = Field(default=1, ge=1, le=1000)
+    matrix: dict[str, Annotated[list[int | str], Field(min_length=1)]] = {}
 
 
 # -- loading with line numbers ----------------------------------------------------------
@@ -287,7 +290,8 @@ def _semantic_check(s: Scenario) -> tuple[tuple[Any, ...], str] | None:
     w = s.workload
     if isinstance(w, ProcessesWorkload):
         for i, step in enumerate(w.steps):
-            if isinstance(step, FillStep) and len(step.patterns) != w.count:
+            sized_by_axis = "count" in s.matrix  # patterns are repeated to each count
+            if isinstance(step, FillStep) and len(step.patterns) != w.count and not sized_by_axis:
                 return (
                     ("workload", "steps", i, "patterns"),
                     f"expected {w.count} patterns (one per process, workload.count), "
@@ -315,6 +319,51 @@ def _semantic_check(s: Scenario) -> tuple[tuple[Any, ...], str] | None:
         elif not isinstance(v, int):
             return (("knobs", k), f"expected an integer, got {v!r}")
         del i
+    return _check_matrix(s)
+
+
+# The axis that sets how many guests or processes run, per workload type.
+SIZE_AXES = {"processes": ("count", 1024), "vms": ("clones", 1000)}
+
+
+def _check_matrix(s: Scenario) -> tuple[tuple[Any, ...], str] | None:
+    """Matrix axes: the workload's size axis or a KSM knob, each a list of distinct values."""
+    size_axis, size_max = SIZE_AXES[s.workload.type]
+    for key, values in s.matrix.items():
+        loc: tuple[Any, ...] = ("matrix", key)
+        if key in ("count", "clones") and key != size_axis:
+            return loc, f"a {s.workload.type} workload's size axis is '{size_axis}', not '{key}'"
+        if key == "run":
+            return loc, "'run' is switched by the workload, not an axis to sweep"
+        if key != size_axis and key not in KNOWN_KNOBS:
+            knobs = ", ".join(k for k in KNOWN_KNOBS if k != "run")
+            return loc, f"unknown axis (expected '{size_axis}' or a KSM knob: {knobs})"
+        if key in s.knobs:
+            return loc, f"also set in knobs.{key}: set it in one place"
+        for i, v in enumerate(values):
+            if key == size_axis and not (isinstance(v, int) and 1 <= v <= size_max):
+                return (*loc, i), f"expected a whole number from 1 to {size_max}, got {v!r}"
+            if key == "advisor_mode" and v not in ("none", "scan-time"):
+                return (*loc, i), f"expected 'none' or 'scan-time', got {v!r}"
+            if key not in (size_axis, "advisor_mode") and not isinstance(v, int):
+                return (*loc, i), f"expected an integer, got {v!r}"
+            if v in values[:i]:
+                return (*loc, i), f"duplicate value {v!r}"
+    w = s.workload
+    if isinstance(w, ProcessesWorkload) and "count" in s.matrix:
+        for i, step in enumerate(w.steps):
+            if isinstance(step, FillStep) and any(p != step.patterns[0] for p in step.patterns):
+                return (
+                    ("workload", "steps", i, "patterns"),
+                    "with a count axis every process needs the same pattern (it is repeated "
+                    "to each count)",
+                )
+        top = max(int(v) for v in s.matrix["count"])
+        if w.cgroup and w.cgroup.memory_limit < top * w.size:
+            return (
+                ("workload", "cgroup", "memory_limit"),
+                f"expected at least the largest count x size = {top * w.size} bytes",
+            )
     return None
 
 

@@ -117,7 +117,8 @@ def describe_disk(conn: libvirt.virConnect, path: str, fmt: str | None) -> tuple
         vol = conn.storageVolLookupByPath(path)
         capacity = vol.info()[1]
         if fmt is None:
-            fmt = ET.fromstring(vol.XMLDesc(0)).find("target/format").get("type", "raw")  # type: ignore[union-attr]
+            el = ET.fromstring(vol.XMLDesc(0)).find("target/format")
+            fmt = el.get("type", "raw") if el is not None else "raw"
         return capacity, fmt
     except libvirt.libvirtError:
         pass

@@ -137,6 +137,8 @@ class VmRun:
     with_vm: bool = True
     drop: Iterable[str] = field(default_factory=tuple)  # columns an older kernel lacks
     status: str = "passed"
+    noise: float = 0.0  # relative jitter on ksmd_cpu and pages_volatile, as real samples have
+    seed: int = 1
 
     @property
     def guest_pages(self) -> int:
@@ -197,7 +199,13 @@ def vm_record(directory: Path, run: VmRun | None = None, **over: Any) -> Path:
     rmap = np.where(shared > 0, run.guests * run.guest_pages, 0)
     rising = on & (t <= run.t_on + run.rise)
     cpu = np.where(rising, run.cpu_rise, np.where(on, run.cpu_plateau, 0.0))
-    mem_total = 24 * 1024 * 1024
+    volatile = np.where(rising, 500, 0)
+    if run.noise:
+        rng = np.random.default_rng(run.seed)
+        cpu = np.round(np.clip(cpu * (1 + run.noise * rng.standard_normal(len(t))), 0, 100), 2)
+        volatile = np.where(on, rng.integers(0, 1 + int(2000 * run.noise), len(t)), 0)
+    guests_kb = run.guests * run.guest_mib * 1024
+    mem_total = max(24 * 1024 * 1024, guests_kb * 5 // 4)  # a host the guests fit on
     anon = np.where(t >= 20, run.guests * run.guest_mib * 1024, 0)
     saved_kb = (sharing + zero) * PAGE // 1024
     samples = pd.DataFrame(
@@ -207,7 +215,7 @@ def vm_record(directory: Path, run: VmRun | None = None, **over: Any) -> Path:
             "pages_shared": shared + np.where(other > 0, 1, 0),
             "pages_sharing": sharing + np.maximum(other - 1, 0),
             "pages_unshared": np.where(on, run.guest_pages // 8, 0),
-            "pages_volatile": np.where(rising, 500, 0),
+            "pages_volatile": volatile,
             "full_scans": scanned // max(1, run.guests * run.guest_pages),
             "pages_scanned": scanned,
             "pages_skipped": scanned // 10,
@@ -287,7 +295,7 @@ def vm_record(directory: Path, run: VmRun | None = None, **over: Any) -> Path:
         | {"pid": 4001 + i}
         for i, n in enumerate(names)
     ]
-    host = host_facts(libvirt_version="9.0.0", qemu_version="7.2.0")
+    host = host_facts(libvirt_version="9.0.0", qemu_version="7.2.0", mem_total_kb=mem_total)
     vm = vm_samples_frame(run, t, shared, zero) if run.with_vm else None
     return write_record(
         directory,

@@ -48,7 +48,7 @@ def workload(**kw: object) -> VmsWorkload:
         "domain_type": "qemu",
         "base": {"domain": "kvmksm-tiny"},
         "clones": 2,
-        "memory": "192MiB",
+        "memory": "256MiB",
         "guest_fill": {"size": "32MiB", "byte": "k"},
         "boot": {"timeout": "120s"},
     }
@@ -98,7 +98,7 @@ def test_guest_that_fails_is_reported_with_its_console(
     with the guest's own words, and nothing is left."""
     base = {
         "image": str(tiny.image),
-        "memory": "192MiB",
+        "memory": "256MiB",
         "kernel": str(tiny.kernel),
         "initrd": str(tiny.initrd),
         "cmdline": f"{CMDLINE} kvmksm.fill=lots",

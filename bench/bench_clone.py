@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""How fast kvmksm clones guests: define + disk per clone (no boot), qcow2 overlays vs full
+copies, side by side. Prints per-guest milliseconds and removes everything it made.
+
+    python3 bench/bench_clone.py                  # 20 clones of kvmksm-tiny, then of a 256 MiB base
+    python3 bench/bench_clone.py -n 50 --base-mib 1024 -c qemu:///system
+    python3 bench/bench_clone.py --boot 1,2,3     # also: seconds until tiny guests are up (TCG)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import libvirt  # noqa: E402
+
+from kvmksm.fleet import Fleet  # noqa: E402
+from kvmksm.image import build_image  # noqa: E402
+from kvmksm.libvirt_conn import open_connection, resolve_uri  # noqa: E402
+from kvmksm.scenario import VmsWorkload  # noqa: E402
+from kvmksm.volumes import ensure_pool  # noqa: E402
+
+BENCH_VOLUME = "bench-clone-base.qcow2"
+
+
+def time_fleet(
+    conn: libvirt.virConnect, base: dict[str, object], mode: str, n: int
+) -> dict[str, float]:
+    spec = VmsWorkload.model_validate(
+        {"type": "vms", "domain_type": "qemu", "base": base, "clones": n, "disk": mode}
+    )
+    fleet = Fleet(conn, spec)
+    fleet.check()  # reading the base is a one-off, not per clone
+    t0 = time.perf_counter()
+    fleet.create()
+    created = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    problems = fleet.teardown()
+    removed = time.perf_counter() - t1
+    if problems:
+        raise SystemExit("teardown problems: " + "; ".join(problems))
+    return {"create_s": created, "per_guest_ms": created / n * 1000, "teardown_s": removed}
+
+
+def time_boot(conn: libvirt.virConnect, n: int, domain_type: str) -> dict[str, float]:
+    """Start ``n`` tiny clones together; seconds from each start until KVMKSM-READY."""
+    spec = VmsWorkload.model_validate(
+        {
+            "type": "vms",
+            "domain_type": domain_type,
+            "base": {"domain": "kvmksm-tiny"},
+            "clones": n,
+            "memory": "256MiB",
+            "guest_fill": {"size": "64MiB", "byte": "a"},
+            "boot": {"timeout": "10m"},
+        }
+    )
+    fleet = Fleet(conn, spec)
+    try:
+        fleet.create()
+        fleet.start()
+        times = list(fleet.wait_up().values())
+    finally:
+        problems = fleet.teardown()
+    if problems:
+        raise SystemExit("teardown problems: " + "; ".join(problems))
+    return {"first": min(times), "median": statistics.median(times), "last": max(times)}
+
+
+def make_volume_base(conn: libvirt.virConnect, mib: int) -> str:
+    """A qcow2 base volume of ``mib`` MiB of non-zero data in kvmksm's pool (so full copies
+    go through libvirt's own copy, createXMLFrom)."""
+    pool = ensure_pool(conn, "kvmksm").pool
+    try:
+        pool.storageVolLookupByName(BENCH_VOLUME).delete(0)
+    except libvirt.libvirtError:
+        pass
+    raw = pool.createXML(
+        f"<volume><name>{BENCH_VOLUME}.raw</name><capacity unit='MiB'>{mib}</capacity>"
+        "<target><format type='raw'/></target></volume>",
+        0,
+    )
+    with open(raw.path(), "r+b") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(mib):
+            f.write(block)
+    vol = pool.createXMLFrom(
+        f"<volume><name>{BENCH_VOLUME}</name><capacity unit='MiB'>{mib}</capacity>"
+        "<target><format type='qcow2'/></target></volume>",
+        raw,
+        0,
+    )
+    raw.delete(0)
+    return vol.path()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-n", "--clones", type=int, default=20)
+    ap.add_argument("-c", "--connect", help="libvirt URI (default as kvmksm: qemu:///system)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is shown")
+    ap.add_argument("--base-mib", type=int, default=256, help="size of the data base (0: skip)")
+    ap.add_argument("--boot", help="comma-separated guest counts to boot (e.g. 1,2,3)")
+    ap.add_argument("--domain-type", default="qemu", choices=["qemu", "kvm"], help="for --boot")
+    args = ap.parse_args()
+
+    conn = open_connection(resolve_uri(args.connect))
+    tiny = build_image(conn, progress=lambda s: None)
+    bases: list[tuple[str, dict[str, object]]] = [
+        (f"kvmksm-tiny ({tiny.image.stat().st_size >> 20} MiB qcow2 file)", {"domain": tiny.domain})
+    ]
+    data_vol = None
+    if args.base_mib:
+        data_vol = make_volume_base(conn, args.base_mib)
+        bases.append(
+            (
+                f"{args.base_mib} MiB of data (qcow2 pool volume)",
+                {"image": data_vol, "memory": "256MiB"},
+            )
+        )
+    print(f"# {args.clones} clones per run, median of {args.repeat} runs, {conn.getURI()}")
+    print(f"{'base':44} {'disk':8} {'per guest':>10} {'all':>8} {'teardown':>9}")
+    try:
+        for label, base in bases:
+            for mode in ("overlay", "copy"):
+                runs = [time_fleet(conn, base, mode, args.clones) for _ in range(args.repeat)]
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                print(
+                    f"{label:44} {mode:8} {med['per_guest_ms']:8.1f}ms "
+                    f"{med['create_s']:7.2f}s {med['teardown_s']:8.2f}s",
+                    flush=True,
+                )
+    finally:
+        if data_vol:
+            conn.storageVolLookupByPath(data_vol).delete(0)
+    if args.boot:
+        print(f"\n# tiny guests started together (256 MiB, 64 MiB fill, type {args.domain_type})")
+        print(f"{'guests':>6} {'first up':>9} {'median':>8} {'last up':>8}")
+        for n in (int(x) for x in args.boot.split(",")):
+            b = time_boot(conn, n, args.domain_type)
+            print(f"{n:6} {b['first']:8.1f}s {b['median']:7.1f}s {b['last']:7.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
