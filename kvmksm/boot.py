@@ -19,6 +19,7 @@ from kvmksm.scenario import BootWait
 
 FAIL_MARKER = "KVMKSM-FAILED"  # the tiny image prints it when it cannot do what it was told
 POLL = 0.2
+LOG_GRACE = 10.0  # seconds a started guest's console log may take to appear
 
 
 class BootError(WorkloadFailed):
@@ -126,6 +127,8 @@ def wait_up(
                 raise BootError(name, f"reported a failure ({state[8:]})", console_tail(p.console))
             if not _active(p.dom):
                 raise BootError(name, "stopped before it came up", console_tail(p.console))
+            if boot.method == "console" and elapsed > LOG_GRACE and not _exists(p.console):
+                raise BootError(name, f"has no console log at {p.console} (deleted?)")
             if elapsed > boot.timeout:
                 what = {
                     "console": f"did not print {boot.marker!r} on its serial console",
@@ -136,6 +139,10 @@ def wait_up(
         if pending:
             sleep(POLL if boot.method != "agent" else 1.0)
     return up
+
+
+def _exists(path: str | None) -> bool:
+    return bool(path) and Path(path or "").exists()
 
 
 def _active(dom: libvirt.virDomain) -> bool:

@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
-from kvmksm.analysis import MIB, VmAnalysis, Windows, column, saved_pages
+from kvmksm.pervm import VmAnalysis, row_sums
+from kvmksm.plateau import MIB, Windows, column, saved_pages
 
 # Figures are built with Figure() and saved straight to SVG, never shown; Agg keeps a caller's
 # later pyplot import from looking for a display.
@@ -227,7 +228,9 @@ def _event_track(
         ax.spines[side].set_visible(False)
     span = (xlim[1] - xlim[0]) or 1.0
     char = 0.0062 * 11.0 / WIDTH  # width of one label character, as a fraction of the axes
-    keyed = [e for e in events if e["kind"] in EVENTS]
+    # Only events inside the time axis: a label outside would stretch the figure's layout.
+    inside = [e for e in events if xlim[0] <= e["t"] / scale <= xlim[1]]
+    keyed = [e for e in inside if e["kind"] in EVENTS]
     rank = {k: i for i, k in enumerate(EVENT_PRIORITY)}
     keyed.sort(key=lambda e: (rank.get(e["kind"], len(rank)), e["t"]))
     taken: list[list[tuple[float, float]]] = [[] for _ in range(TRACK_ROWS)]
@@ -253,7 +256,7 @@ def _event_track(
                 )
                 break
     for kind, colour, y in (("guest_started", "#90a4ae", 0.25), ("guest_up", "#1565c0", 0.6)):
-        ts = [e["t"] / scale for e in events if e["kind"] == kind]
+        ts = [e["t"] / scale for e in inside if e["kind"] == kind]
         if ts:
             ax.plot(ts, [y] * len(ts), ls="", marker="|", ms=6, color=colour)
             if kind == "guest_up":
@@ -384,7 +387,9 @@ def cost_chart(
             right.set_ylim(bottom=0)
         if scanned is not None:
             ax = next(panels)
-            rate = np.diff(scanned.to_numpy(float), prepend=np.nan) / np.diff(t, prepend=np.nan)
+            with np.errstate(divide="ignore", invalid="ignore"):  # repeated t: no rate
+                dt = np.diff(t, prepend=np.nan)
+                rate = np.diff(scanned.to_numpy(float), prepend=np.nan) / dt
             rate[~np.isfinite(rate) | (rate < 0)] = np.nan  # first row, counter resets
             xs, ys = reduce_minmax(x, rate)
             handles += ax.plot(xs, ys, color="#00838f", lw=1.2, label="pages scanned per second")
@@ -444,18 +449,20 @@ def vm_chart(
         t = samples["t"].to_numpy(float) if len(samples) else m.t
         f = _frame("Per guest: ksm_merging_pages, stacked", t, events, w, 5.2)
         ax = f.panels[0]
-        values = np.nan_to_num(m.values) * ps / MIB
-        order = np.argsort(-values.max(axis=0), kind="stable")
+        # Pages until the layers are reduced: scaling the whole matrix would copy it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a guest with no sample at all
+            peak = np.nan_to_num(np.nanmax(m.values, axis=0))
+        order = np.argsort(-peak, kind="stable")
         top = sorted(order[:TOP_GUESTS])
-        rest = list(order[TOP_GUESTS:])
-        layers = [values[:, i] for i in top]
+        layers = [np.nan_to_num(m.values[:, i]) for i in top]
         labels = [m.domains[i] for i in top]
         colours = [GUEST_COLOURS[k % len(GUEST_COLOURS)] for k in range(len(top))]
-        if rest:
-            layers.append(values[:, rest].sum(axis=1))
-            labels.append(f"{len(rest)} other guests")
+        if len(order) > TOP_GUESTS:
+            layers.append(row_sums(m.values) - np.sum(layers, axis=0))
+            labels.append(f"{len(order) - TOP_GUESTS} other guests")
             colours.append("#bdbdbd")
-        xs, ys = reduce_mean(m.t, np.column_stack(layers))
+        xs, ys = reduce_mean(m.t, np.column_stack(layers) * ps / MIB)
         handles: list[Any] = list(
             ax.stackplot(xs / f.scale, ys.T, labels=labels, colors=colours, alpha=0.9, lw=0)
         )

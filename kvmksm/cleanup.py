@@ -7,6 +7,7 @@ kvmksm's own console directory.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import libvirt
 
 from kvmksm import paths
 from kvmksm.domains import destroy, lookup, read_tag, undefine
+from kvmksm.hostfs import HostFS
 from kvmksm.volumes import delete_volume, tagged_volumes
 
 _CONSOLE_RE = re.compile(r"^kvmksm-[0-9a-f]{8}-.*\.log$")
@@ -38,9 +40,15 @@ class Leftovers:
         )
 
 
-def find_leftovers(conn: libvirt.virConnect, run: str | None = None) -> Leftovers:
+def find_leftovers(
+    conn: libvirt.virConnect, run: str | None = None, fs: HostFS | None = None
+) -> Leftovers:
     """Every tagged clone domain and kvmksm volume at ``conn`` (of one run if ``run`` is set),
-    and stray console logs. Reads only."""
+    and console logs that no process has open. Reads only.
+
+    Console logs are files on this host, whatever ``conn`` is: one that a running guest
+    writes (virtlogd or QEMU holds it open) is never a leftover, even when that guest belongs
+    to another connection or to a run in progress."""
     left = Leftovers()
     for dom in conn.listAllDomains(0):
         tag = read_tag(dom)
@@ -50,13 +58,37 @@ def find_leftovers(conn: libvirt.virConnect, run: str | None = None) -> Leftover
     left.volumes = [(p, v) for p, v in vols if run is None or v.startswith(f"kvmksm-{run}-")]
     cdir = paths.console_dir()
     if cdir.is_dir():
-        left.consoles = sorted(
+        logs = [
             p
             for p in cdir.iterdir()
             if _CONSOLE_RE.match(p.name) and (run is None or p.name.startswith(f"kvmksm-{run}-"))
-        )
+        ]
+        busy = open_files(fs or HostFS()) if logs else set()
+        left.consoles = sorted(p for p in logs if str(p) not in busy)
     left.domains.sort()
     return left
+
+
+def open_files(fs: HostFS) -> set[str]:
+    """Paths some process has open (the targets of /proc/*/fd/*)."""
+    out: set[str] = set()
+    proc = fs.path("proc")
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        fd_dir = proc / pid / "fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone, or a kernel thread
+        for fd in fds:
+            try:
+                out.add(os.readlink(fd_dir / fd))
+            except OSError:
+                continue
+    return out
 
 
 def remove_leftovers(conn: libvirt.virConnect, left: Leftovers) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +186,9 @@ def difference(
             "verdict": "same" if same else "beyond noise",
             "why": "every repeat gave the same value on each side",
         }
-    p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # nearly equal values: scipy warns, the p is still fine
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (
         (va**2 / (len(a) - 1) if va else 0.0) + (vb**2 / (len(b) - 1) if vb else 0.0)
@@ -322,14 +325,33 @@ def _label(groups: list[Group], differences: list[dict[str, Any]], by_argument: 
     telling.sort(key=lambda d: order.get(d["kind"], 4))
     for g in groups:
         parts = [
-            f"{SHORT.get(d['field'], d['field'].rsplit('.', 1)[-1])}={d['values'][g.id]}"
-            for d in telling[:3]
+            f"{short_name(d['field'])}={show(d['field'], d['values'][g.id])}" for d in telling[:3]
         ]
         label = ", ".join(parts) + (" …" if len(telling) > 3 else "")
         if by_argument:
             src = Path(g.runs[0].source).name or g.runs[0].source
             label = f"{src}: {label}" if label else src
         g.label = label or "all runs"
+
+
+def short_name(field_name: str) -> str:
+    """'knobs.pages_to_scan' -> 'pages_to_scan'; 'scenario.workload.base.memory' ->
+    'base.memory' (a bare 'memory' or 'size' would not say whose)."""
+    if field_name in SHORT:
+        return SHORT[field_name]
+    parts = field_name.split(".")
+    generic = ("memory", "size", "byte", "type", "image", "domain")
+    return ".".join(parts[-2:]) if parts[-1] in generic and len(parts) > 2 else parts[-1]
+
+
+def show(field_name: str, value: str) -> str:
+    """A value as a label shows it: sizes in MiB/GiB rather than bytes."""
+    leaf = field_name.rsplit(".", 1)[-1]
+    if (leaf in ("memory", "size", "memory_limit") or leaf.endswith("_kb")) and value.isdigit():
+        from kvmksm.units import format_size
+
+        return format_size(int(value) * (1024 if leaf.endswith("_kb") else 1))
+    return value
 
 
 def _warnings(groups: list[Group], differences: list[dict[str, Any]]) -> list[str]:
@@ -419,40 +441,20 @@ def _metrics(groups: list[Group], alpha: float) -> list[dict[str, Any]]:
 
 
 # -- output -----------------------------------------------------------------------------
+WIDE = 3  # more groups than this: one row per group instead of one column per group
+HEADLINE = ("plateau_saved_mib", "time_to_90pct_s", "ksmd_cpu_to_plateau_s", "mib_per_cpu_s")
+MARK = {"beyond noise": "", "within noise": " =", "same": " =", "too few repeats to tell": " ?"}
+
+
 def terminal(cmp: Comparison, console: Console) -> None:
     from kvmksm.report import fmt_num
 
     for g in cmp.groups:
         console.print(f"[bold]{g.id}[/] = {g.label} ({len(g.runs)} run(s))", soft_wrap=True)
-    if cmp.differences:
-        t = Table(title="What differs", title_justify="left")
-        t.add_column("field")
-        for g in cmp.groups:
-            t.add_column(g.id)
-        for d in cmp.differences:
-            t.add_row(d["field"], *(_short(d["values"][g.id]) for g in cmp.groups))
-        console.print(t)
-    t = Table(
-        title=f"Metrics (mean ± sd over repeats; each group against {cmp.groups[0].id})",
-        title_justify="left",
-    )
-    t.add_column("metric")
-    for g in cmp.groups:
-        t.add_column(f"{g.id}", justify="right")
-    for g in cmp.groups[1:]:
-        t.add_column(f"{g.id} - {cmp.groups[0].id}", justify="right")
-    for m in cmp.metrics:
-        row = [f"{m['label']} ({m['unit']})" if m["unit"] else m["label"]]
-        for g in cmp.groups:
-            s = m["groups"][g.id]
-            text = "—" if s["mean"] is None else fmt_num(s["mean"])
-            if s["sd"] is not None:
-                text += f" ± {fmt_num(s['sd'])}"
-            row.append(f"{text} (n={s['n']})")
-        for g in cmp.groups[1:]:
-            row.append(_diff_text(m["vs_baseline"][g.id], fmt_num))
-        t.add_row(*row)
-    console.print(t)
+    if len(cmp.groups) > WIDE:
+        _terminal_wide(cmp, console, fmt_num)
+    else:
+        _terminal_narrow(cmp, console, fmt_num)
     if cmp.pareto:
         front = [p for p in cmp.pareto["points"] if p["front"]]
         console.print(
@@ -464,6 +466,71 @@ def terminal(cmp: Comparison, console: Console) -> None:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
 
 
+def _terminal_narrow(cmp: Comparison, console: Console, fmt: Any) -> None:
+    if cmp.differences:
+        t = Table(title="What differs", title_justify="left")
+        t.add_column("field")
+        for g in cmp.groups:
+            t.add_column(g.id)
+        for d in cmp.differences:
+            t.add_row(d["field"], *(_short(d["values"][g.id]) for g in cmp.groups))
+        console.print(t)
+    base = cmp.groups[0].id
+    t = Table(
+        title=f"Metrics (mean ± sd over repeats; each group against {base})", title_justify="left"
+    )
+    t.add_column("metric")
+    for g in cmp.groups:
+        t.add_column(f"{g.id}", justify="right")
+    for g in cmp.groups[1:]:
+        t.add_column(f"{g.id} - {base}", justify="right")
+    for m in cmp.metrics:
+        row = [f"{m['label']} ({m['unit']})" if m["unit"] else m["label"]]
+        for g in cmp.groups:
+            s = m["groups"][g.id]
+            row.append(f"{_mean_text(s, fmt)} (n={s['n']})")
+        for g in cmp.groups[1:]:
+            row.append(_diff_text(m["vs_baseline"][g.id], fmt))
+        t.add_row(*row)
+    console.print(t)
+
+
+def _terminal_wide(cmp: Comparison, console: Console, fmt: Any) -> None:
+    """Many groups: one row each, the headline metrics, a mark against the first group."""
+    fields = [d["field"] for d in cmp.differences if not d["soft"]]
+    if fields:
+        console.print("differs: " + ", ".join(fields), soft_wrap=True)
+    metrics = [m for m in cmp.metrics if m["key"] in HEADLINE]
+    t = Table(
+        title=f"Mean ± sd over repeats; against {cmp.groups[0].id}: + better, - worse, "
+        "= within noise, ? too few repeats",
+        title_justify="left",
+    )
+    t.add_column("group")
+    t.add_column("n", justify="right")
+    for m in metrics:
+        t.add_column(f"{m['label']} ({m['unit']})", justify="right")
+    for g in cmp.groups:
+        row = [g.id, str(len(g.runs))]
+        for m in metrics:
+            text = _mean_text(m["groups"][g.id], fmt)
+            d = m["vs_baseline"].get(g.id)
+            if d is not None:
+                text += MARK.get(d["verdict"], "")
+                if "better" in d:
+                    text += " +" if d["better"] else " -"
+            row.append(text)
+        t.add_row(*row)
+    console.print(t)
+
+
+def _mean_text(s: dict[str, Any], fmt: Any) -> str:
+    if s["mean"] is None:
+        return "—"
+    text = fmt(s["mean"])
+    return text + (f" ± {fmt(s['sd'])}" if s["sd"] else "")
+
+
 def _diff_text(d: dict[str, Any], fmt: Any) -> str:
     if d["diff"] is None:
         return "—"
@@ -471,6 +538,8 @@ def _diff_text(d: dict[str, Any], fmt: Any) -> str:
     if d["diff_pct"] is not None:
         text += f" ({d['diff_pct']:+.1f}%)"
     verdict = d["verdict"]
+    if "better" in d:
+        verdict += ", better" if d["better"] else ", worse"
     if d.get("p") is not None:
         verdict += f", p={d['p']:.2g}"
     mark = {"beyond noise": "[bold]", "within noise": "[dim]"}.get(d["verdict"], "")

@@ -29,6 +29,7 @@ from types import FrameType
 from typing import Any
 
 import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -39,7 +40,7 @@ from kvmksm.hostinfo import host_facts
 from kvmksm.ksm import Ksm
 from kvmksm.record import RUN_JSON, Record, load_record, utc_now
 from kvmksm.scenario import SIZE_AXES, Scenario
-from kvmksm.workloads.base import Workload
+from kvmksm.workloads.base import RunContext, Workload
 
 FORMAT = 1
 INDEX = "experiment.json"
@@ -66,10 +67,6 @@ class RunPlan:
 
 def point_label(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "no matrix"
-
-
-def is_experiment(sc: Scenario) -> bool:
-    return sc.repeats > 1 or bool(sc.matrix)
 
 
 def points(sc: Scenario) -> list[dict[str, Any]]:
@@ -109,6 +106,61 @@ def expand(sc: Scenario) -> list[RunPlan]:
 
 
 # -- running ----------------------------------------------------------------------------
+DRAIN_TIMEOUT = 10.0  # seconds teardown waits for ksmd to drop an exited workload's pages
+
+
+class Drained(Workload):
+    """A workload whose teardown then waits, ksmd still on, until ksmd has dropped the pages
+    of the processes or guests that just exited. Their merged pages stay in the counters
+    until ksmd's scan reaches them; once the knobs are restored (ksmd off) they would stay
+    into the next run and inflate its first samples."""
+
+    def __init__(self, inner: Workload) -> None:
+        self.inner = inner
+
+    def preflight(self, fs: HostFS, ksm: Ksm) -> None:
+        self.inner.preflight(fs, ksm)
+
+    def probes(self) -> list[Any]:
+        return self.inner.probes()
+
+    def run(self, ctx: RunContext) -> None:
+        self.inner.run(ctx)
+
+    def teardown(self, ctx: RunContext) -> list[str]:
+        problems = self.inner.teardown(ctx)
+        try:
+            drain(ctx)
+        except Exception as e:  # teardown never raises: the knobs must still be restored
+            ctx.record.event("drain_failed", str(e))
+        return problems
+
+
+def drain(ctx: RunContext, timeout: float = DRAIN_TIMEOUT, poll: float = 0.02) -> None:
+    """Wait until pages_shared + pages_sharing are back to what they were before the run, or
+    ksmd finished two more full scans (what is left then belongs to other KSM users)."""
+    ksm = ctx.ksm
+    if ksm.read("run") != 1:
+        return
+    before = ctx.record.data.get("counters_before") or {}
+    base = int(before.get("pages_shared", 0)) + int(before.get("pages_sharing", 0))
+    t0, scans0 = time.monotonic(), int(ksm.read("full_scans"))
+    while True:
+        c = ksm.read_counters()
+        merged = c.get("pages_shared", 0) + c.get("pages_sharing", 0)
+        waited = round(time.monotonic() - t0, 3)
+        if merged <= base or c.get("full_scans", 0) >= scans0 + 2:
+            why = "as before the run" if merged <= base else "after 2 full scans"
+            ctx.record.event("drained", f"{merged} merged pages, {why}", seconds=waited)
+            return
+        if waited > timeout:
+            ctx.record.event(
+                "drain_timeout", f"{merged} merged pages left after {timeout:g}s", seconds=waited
+            )
+            return
+        time.sleep(poll)
+
+
 @dataclass
 class ExperimentResult:
     status: str  # passed | failed | error | interrupted
@@ -161,7 +213,7 @@ def run_experiment(
                 entry.update(status="running", started=utc_now())
                 _save(exp_dir, index)
                 t0 = time.monotonic()
-                workload = factory(plan.scenario)
+                workload = Drained(factory(plan.scenario))
                 try:
                     result = bench(
                         plan.scenario,
@@ -178,7 +230,11 @@ def run_experiment(
                     console.print(f"  not run: {e}", markup=False, soft_wrap=True)
                     break
                 run_dir = _settle(result.record_dir, exp_dir / plan.dirname)
-                _annotate(run_dir, index, plan)
+                meta = _annotate(run_dir, index, plan)
+                entry["counters_before"] = {
+                    k: (meta.get("counters_before") or {}).get(k)
+                    for k in ("pages_shared", "pages_sharing")
+                }
                 after = ksm.read_knobs()
                 restored = after == knobs0
                 entry.update(
@@ -295,6 +351,11 @@ def _new_index(
         "order": "repeat by repeat: every point once, then every point again",
         "knobs_before": knobs0,
         "knobs_after": None,
+        "counters_before": {
+            k: v
+            for k, v in Ksm(fs).read_counters().items()
+            if k in ("pages_shared", "pages_sharing")
+        },
         "points": [
             {
                 "index": i,
@@ -317,6 +378,7 @@ def _new_index(
                 "started": None,
                 "seconds": None,
                 "host_restored": None,
+                "counters_before": None,
             }
             for pl in plans
         ],
@@ -337,7 +399,7 @@ def _settle(record_dir: Path, target: Path) -> Path:
     return target
 
 
-def _annotate(run_dir: Path, index: dict[str, Any], plan: RunPlan) -> None:
+def _annotate(run_dir: Path, index: dict[str, Any], plan: RunPlan) -> dict[str, Any]:
     """Say in run.json which experiment, point and repeat the record belongs to."""
     path = run_dir / RUN_JSON
     meta = json.loads(path.read_text())
@@ -352,6 +414,7 @@ def _annotate(run_dir: Path, index: dict[str, Any], plan: RunPlan) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+    return meta
 
 
 def _report(run_dir: Path, console: Console) -> None:
@@ -377,7 +440,7 @@ def write_summaries(exp_dir: Path, console: Console | None = None) -> list[Path]
             size_axis, _ = SIZE_AXES.get(index["scenario"]["workload"]["type"], ("", 0))
             if len(index["axes"].get(size_axis, [])) >= 2:
                 written.append(plan.write_html(plan.plan(runs), exp_dir / "plan.html"))
-    except UserError as e:
+    except Exception as e:  # the records are what matters; `kvmksm compare` rebuilds these
         if console:
             console.print(f"summary not written: {e}", markup=False, soft_wrap=True)
     return written
@@ -421,17 +484,19 @@ def summary_table(exp_dir: Path) -> Table:
         if entry["status"] in ("passed", "failed"):
             by_point[entry["point"]].append(compare.make_run(record, str(exp_dir)))
     table = Table(
-        title=f"experiment {index['name']}: {index['status'].upper()}", title_justify="left"
+        title=f"experiment {index['name']}: {index['status'].upper()} (mean ± sd over repeats)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
     )
     for axis in index["axes"] or {"point": None}:
-        table.add_column(axis, justify="right")
+        table.add_column(axis, justify="right", no_wrap=True)
     cols = [
         ("plateau_saved_mib", "saved MiB"),
         ("ksmd_cpu_to_plateau_s", "ksmd CPU s"),
         ("mib_per_cpu_s", "MiB/CPU s"),
-        ("time_to_90pct_s", "to 90% (s)"),
+        ("time_to_90pct_s", "t90% s"),
     ]
-    table.add_column("runs ok", justify="right")
+    table.add_column("ok", justify="right")
     for _, title in cols:
         table.add_column(title, justify="right")
     means = {
@@ -441,9 +506,16 @@ def summary_table(exp_dir: Path) -> Table:
     knob_axes = [a for a in index["axes"] if a not in ("count", "clones")]
     front = set()
     if knob_axes and len(by_point) > 1:
-        pts = [(i, m[1], m[0]) for i, m in means.items() if m[0] is not None and m[1] is not None]
-        flags = pareto_front([(x, y) for _, x, y in pts])
-        front = {i for (i, _, _), f in zip(pts, flags, strict=True) if f}
+        # The front among points of the same size: knobs are what a user can pick.
+        sizes: dict[Any, list[int]] = {}
+        for p in index["points"]:
+            size = tuple(v for k, v in p["values"].items() if k not in knob_axes)
+            sizes.setdefault(size, []).append(p["index"])
+        for members in sizes.values():
+            pts = [(i, means[i][1], means[i][0]) for i in members]
+            pts = [t for t in pts if t[1] is not None and t[2] is not None]
+            flags = pareto_front([(x, y) for _, x, y in pts])
+            front |= {i for (i, _, _), f in zip(pts, flags, strict=True) if f}
         table.add_column("Pareto", justify="center")
     for p in index["points"]:
         runs = by_point[p["index"]]
@@ -453,11 +525,7 @@ def summary_table(exp_dir: Path) -> Table:
         row.append(f"{ok}/{total}")
         for k, _ in cols:
             mean, sd = compare.mean_sd([r.outcome.value(k) for r in runs])
-            row.append(
-                "—"
-                if mean is None
-                else fmt_num(mean) + (f" ± {fmt_num(sd)}" if sd is not None else "")
-            )
+            row.append("—" if mean is None else fmt_num(mean) + (f"\n±{fmt_num(sd)}" if sd else ""))
         if knob_axes and len(by_point) > 1:
             row.append("★" if p["index"] in front else "")
         table.add_row(*row)

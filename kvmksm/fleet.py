@@ -232,7 +232,7 @@ class Fleet:
             self.recorder.created("volume", pool=d.pool, name=d.volume)
             if vol.path() != d.path:
                 # Not a plain dir pool layout: point the defined domain at the real path.
-                plan.disks[plan.disks.index(d)].path = vol.path()
+                d.path = vol.path()
                 self.conn.defineXML(clone_xml(self.base.xml, plan))
         self.log("guest defined", f"{plan.name} ({self.spec.disk} of {self.base.name})")
         return g

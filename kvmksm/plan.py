@@ -28,12 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmksm.analysis import MIB
-from kvmksm.compare import SOFT, Run, mean_sd
+from kvmksm.compare import SOFT, Run, mean_sd, short_name, show
 from kvmksm.errors import UserError
 from kvmksm.units import format_size, parse_size
 
 GIB = 1024 * MIB
 DEFAULT_HEADROOM = "10%"
+FAR = 4  # projections past this multiple of the largest measured count get a warning
 # Fields that vary along a size sweep and so do not split records into configurations.
 SIZE_FIELDS = ("scenario.workload.count", "scenario.workload.clones")
 
@@ -112,7 +113,7 @@ def plan(
     plans = []
     for members in groups.values():
         cfg = members[0].config
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={cfg.get(k, '—')}" for k in varying[:3])
+        label = ", ".join(f"{short_name(k)}={show(k, cfg.get(k, '—'))}" for k in varying[:3])
         plans.append(
             _plan_one(members, label or "all runs", guest_memory, host_memory, headroom, overhead)
         )
@@ -203,15 +204,17 @@ def _plan_one(
     n0 = max(0, math.floor(u / (m + o_b)))
     k = m + o_b - a * m  # memory each added guest costs with KSM
     n1: int | None
-    if k <= 0:
+    if k <= m * 1e-9:  # (floating point: a share of exactly 1 may come out a hair under)
         n1 = None
         notes.append(
             "each added guest saves as much as it uses by this fit: memory does not bound the "
             "count; CPU, disk and the guests' own writes will"
         )
     else:
-        n1 = max(0, math.floor((u + (b - a) * m) / k))
-        while n1 > 0 and n1 * (m + o_b) - saved(n1) > u:  # float rounding at the boundary
+        # A guest that fits exactly fits: allow for the fit's rounding (a millionth of a
+        # guest, a byte of memory) at the boundary.
+        n1 = max(0, math.floor((u + (b - a) * m) / k + 1e-6))
+        while n1 > 0 and n1 * (m + o_b) - saved(n1) > u + 1:
             n1 -= 1
 
     # ksmd's cost against N.
@@ -229,6 +232,14 @@ def _plan_one(
     def cpu_at(key: str, n: float | None) -> float | None:
         f = cpu_fits.get(key)
         return None if f is None or n is None else f["c0"] + f["c1"] * n
+
+    cpu_pct_at = cpu_at("cpu_pct", n1)
+    if cpu_pct_at is not None and cpu_pct_at > 100:
+        notes.append(
+            f"the CPU fit asks {cpu_pct_at:,.0f}% of one CPU at N = {n1}, but ksmd is one "
+            "thread: it tops out at 100%, so at that density it merges more slowly than measured"
+        )
+        cpu_pct_at = 100.0
 
     measured = []
     for n in ns:
@@ -261,7 +272,13 @@ def _plan_one(
     }
     said = f"measured at N = {', '.join(str(n) for n in ns)} ({len(pts)} runs)"
     if n1 is not None and n1 > top:
-        said += f"; the projection at N = {n1} is {n1 / top:.1f}x the largest measured count"
+        said += f"; the projection at N = {n1} is {n1 / top:,.1f}x the largest measured count"
+        if n1 > FAR * top:
+            notes.append(
+                f"the projection goes {n1 / top:,.0f}x past the largest count measured: a "
+                "straight line that far out is a hope, not a measurement; sweep closer to the "
+                "density you plan for"
+            )
     elif n1 is not None:
         said += f"; the projection at N = {n1} lies within the measured counts"
     if len(measured_bytes) == 1 and m != measured_bytes[0]:
@@ -300,7 +317,7 @@ def _plan_one(
             "max": n1,
             "saved_mib": saved(n1) / MIB if n1 is not None else None,
             "used_mib": (n1 * (m + o_b) - saved(n1)) / MIB if n1 is not None else None,
-            "ksmd_cpu_pct": cpu_at("cpu_pct", n1),
+            "ksmd_cpu_pct": cpu_pct_at,
             "ksmd_cpu_s": cpu_at("cpu_s", n1),
         },
         "gain": (n1 - n0) if n1 is not None else None,
@@ -322,7 +339,7 @@ def _inputs(
     if guest_memory is not None:
         m, m_src = guest_memory, "--guest-memory"
     elif len(measured_bytes) == 1:
-        m, m_src = measured_bytes[0], "the records (each guest's configured memory)"
+        m, m_src = measured_bytes[0], "from the records: each one's configured memory"
     else:
         raise UserError(
             "the records ran guests of different sizes "
@@ -334,9 +351,9 @@ def _inputs(
     else:
         totals = {(r.record.meta.get("host") or {}).get("mem_total_kb") for r in runs} - {None}
         if len(totals) == 1:
-            h, h_src = int(totals.pop()) * 1024, "the records' host (MemTotal)"
+            h, h_src = int(totals.pop()) * 1024, "MemTotal of the records' host"
         else:
-            h, h_src = _this_host_memory(), "this host (MemTotal)"
+            h, h_src = _this_host_memory(), "MemTotal of this host"
     if m <= 0 or h <= 0:
         raise UserError("guest and host memory must be more than 0")
     room = parse_headroom(headroom, h)
@@ -495,7 +512,8 @@ def plan_chart(p: DensityPlan, i: int = 0) -> str:
         for a in axes:
             a.axvspan(top, hi, color="#9e9e9e", alpha=0.08, lw=0)
         ax.text(top, ax.get_ylim()[1] * 0.97, "  extrapolated", va="top", color="#616161")
-        ax.set_ylim(bottom=0)
+        # Up to a little past the host: where the lines cross the usable memory is the point.
+        ax.set_ylim(0, max(inp["host_memory_mib"] * 1.3 / gib, float(ys.max()) * 1.1))
         ax.set_ylabel("memory needed (GiB)")
         ax.yaxis.set_major_formatter(FuncFormatter(plots.thousands))
         ax.set_title(f"{d['noun'].capitalize()} that fit ({d['config']})")
@@ -504,20 +522,18 @@ def plan_chart(p: DensityPlan, i: int = 0) -> str:
             ax2 = axes[1]
             cp = [(p_["n"], p_["cpu_pct"]) for p_ in d["points"] if p_["cpu_pct"] is not None]
             ax2.plot([c[0] for c in cp], [c[1] for c in cp], "o", color="#c62828", label="measured")
-            ax2.plot(n, cpu["c0"] + cpu["c1"] * n, color="#c62828", lw=1.2, label="fit")
-            if n1:
-                ax2.plot(
-                    [n1],
-                    [cpu["c0"] + cpu["c1"] * n1],
-                    "s",
-                    color="#2e7d32",
-                    label=f"at {n1} with KSM",
-                )
+            # ksmd is one thread: the fit is drawn up to 100% of one CPU, where it tops out.
+            fitted = np.minimum(cpu["c0"] + cpu["c1"] * n, 100.0)
+            ax2.plot(n, fitted, color="#c62828", lw=1.2, label="fit (ksmd tops out at 100%)")
+            at = d["with_ksm"]["ksmd_cpu_pct"]
+            if n1 and at is not None:
+                ax2.plot([n1], [at], "s", color="#2e7d32", label=f"at {n1} with KSM")
             ax2.set_ylim(bottom=0)
             ax2.set_ylabel("ksmd, % of one CPU")
             ax2.legend(loc="upper left", fontsize=8)
         axes[-1].set_xlabel(f"number of {d['noun']} (N)")
         axes[-1].set_xlim(0, hi)
+        axes[-1].xaxis.set_major_formatter(FuncFormatter(plots.thousands))
         return fig
 
     return plots.render(f"plan{i}", "Density plan", build)

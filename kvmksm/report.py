@@ -21,6 +21,7 @@ from kvmksm.record import REPORT, RUN_JSON, Record, load_record
 # Metrics shown as cards at the top, in this order; all of them are in the table below.
 HEADLINE = (
     "plateau_saved_mib",
+    "plateau_saved_pct",
     "plateau_saved_pct_of_ceiling",
     "time_to_50pct_s",
     "time_to_90pct_s",
@@ -60,6 +61,8 @@ def _env() -> Environment:
     env.filters["num"] = fmt_num
     env.filters["expected"] = fmt_expected
     env.filters["value"] = fmt_value
+    env.filters["duration"] = fmt_duration
+    env.filters["secs"] = lambda t: f"{t:,.2f}" if isinstance(t, int | float) else "—"
     return env
 
 
@@ -94,7 +97,6 @@ def build_context(record: Record) -> dict[str, Any]:
         if a.vm and not record.samples.empty
         else None,
         "vm_guests": len(a.vm.rows) if a.vm else 0,
-        "samples_rows": len(record.samples),
     }
 
 
@@ -110,18 +112,18 @@ def _summary(record: Record, ps: int) -> list[tuple[str, str]]:
     rows = [
         ("Scenario", f"{(meta.get('scenario') or {}).get('name', '?')}"),
         ("Scenario file", meta.get("scenario_file") or "—"),
-        ("Workload", _workload_text(workload, meta)),
+        ("Workload", _workload_text(workload)),
         ("Kernel", host.get("kernel_release") or "—"),
         ("Started", meta.get("started") or "—"),
         ("Finished", meta.get("finished") or "—"),
-        ("Duration", fmt_value(meta.get("duration_s"), "s")),
+        ("Duration", fmt_duration(meta.get("duration_s"))),
         ("Samples", f"{len(record.samples):,} rows; page size {ps:,} bytes"),
         ("Kind", f"{meta.get('kind', '?')} (record format {meta.get('format')})"),
     ]
     return [(k, str(v)) for k, v in rows]
 
 
-def _workload_text(w: dict[str, Any], meta: dict[str, Any]) -> str:
+def _workload_text(w: dict[str, Any]) -> str:
     if w.get("type") == "vms":
         base = w.get("base") or {}
         src = base.get("domain") or base.get("image") or "?"
@@ -142,10 +144,8 @@ def _workload_text(w: dict[str, Any], meta: dict[str, Any]) -> str:
 def _cards(a: Analysis, notes: dict[str, int]) -> list[dict[str, Any]]:
     m = a.metrics
     sub = {
-        "plateau_saved_mib": _join(
-            ("{} of guest memory", m["plateau_saved_pct"]),
-            ("guest memory {}", m["guest_memory_mib"]),
-        ),
+        "plateau_saved_mib": _join(("peak {}", m["peak_saved_mib"])),
+        "plateau_saved_pct": _join(("of {} guest memory", m["guest_memory_mib"])),
         "plateau_saved_pct_of_ceiling": _join(
             ("ceiling (N-1)/N = {} of guest memory", m["ceiling_pct"])
         ),
@@ -294,6 +294,18 @@ def fmt_num(v: Any) -> str:
     a = abs(v)
     digits = 0 if a >= 100 else 1 if a >= 10 else 2 if a >= 0.1 else 3
     return f"{v:,.{digits}f}"
+
+
+def fmt_duration(seconds: Any) -> str:
+    """'86,399 s (23 h 59 min)': seconds as recorded, and the same for a person."""
+    if not isinstance(seconds, int | float):
+        return "—"
+    text = fmt_value(seconds, "s")
+    if seconds >= 3600:
+        return f"{text} ({int(seconds // 3600)} h {int(seconds % 3600 // 60)} min)"
+    if seconds >= 60:
+        return f"{text} ({int(seconds // 60)} min {int(seconds % 60)} s)"
+    return text
 
 
 def fmt_value(v: Any, unit: str = "") -> str:

@@ -125,7 +125,20 @@ def _run_locked(
                 record.event("run_end", status)
                 record.finish(status, error)
                 active.finish()
+                _store_metrics(record)
     return BenchResult(status, record.dir, record.data["checks"], error)
+
+
+def _store_metrics(record: RunRecord) -> None:
+    """Derived metrics go into run.json too; they are a pure function of the record, so a
+    failure here loses nothing (the report recomputes them)."""
+    try:
+        from kvmksm.analysis import compute_metrics
+        from kvmksm.record import load_record
+
+        record.update(metrics=compute_metrics(load_record(record.dir)))
+    except Exception as e:
+        record.event("metrics_error", f"{type(e).__name__}: {e}")
 
 
 def _note_other_users(ctx: RunContext) -> None:

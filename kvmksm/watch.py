@@ -350,7 +350,7 @@ class GuestTracker:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=10)  # a hung libvirtd must not keep the record open
             self._thread = None
 
 
@@ -588,7 +588,7 @@ def watch(
         finally:
             with _signals_ignored():
                 view.close()
-                ended_by = _close(record, sampler, tracker, lister, ksm, knobs, status, ended_by)
+                _close(record, sampler, tracker, lister, ksm, knobs, status, ended_by)
                 record.finish(status, error)
     _drain(messages, view)
     report_path = _write_report(record.dir, console) if report else None
@@ -669,7 +669,7 @@ def _close(
     knobs: dict[str, Any],
     status: str,
     ended_by: str,
-) -> str:
+) -> None:
     """Stop the threads and close the record; never raises (runs on every exit path)."""
     problems = []
     if sampler is not None:
@@ -699,7 +699,6 @@ def _close(
     record.update(knobs_after=after, guests=[dict(v) for v in tracker.seen.values()])
     record.event("watch_end", ended_by)
     record.event("run_end", status)
-    return ended_by
 
 
 def _write_report(run_dir: Path, console: Console) -> Path | None:

@@ -5,20 +5,52 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
+from kvmksm.errors import UserError
 from kvmksm.hostfs import HostFS
+from kvmksm.image import TinyImage, build_image
 from kvmksm.ksm import Ksm
+from kvmksm.libvirt_conn import open_connection
+from kvmksm.paths import DEFAULT_DATA_DIR
 
 from .fakehost import make_tree
 
 REAL_KSM_LOCK = "/tmp/kvmksm-realksm.lock"
+LIBVIRT_URI = "qemu:///system"
 
 
 @pytest.fixture(autouse=True)
-def _state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test gets its own lock/state folder so tests never meet a real run's lock."""
+def _state_dir(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each test gets its own lock/state folder so tests never meet a real run's lock, and
+    tests without real libvirt their own data folder, so a `clean` sweep in a test can never
+    touch the console logs of guests running for real."""
     monkeypatch.setenv("KVMKSM_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+    if request.node.get_closest_marker("libvirt") is None:
+        monkeypatch.setenv("KVMKSM_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def conn() -> Iterator[libvirt.virConnect]:
+    """A connection to the real libvirtd (qemu:///system); fails, never skips, without one."""
+    try:
+        c = open_connection(LIBVIRT_URI)
+    except UserError as e:
+        pytest.fail(f"{e} (run scripts/setup.sh, or deselect with -m 'not libvirt')")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def tiny(conn: libvirt.virConnect) -> TinyImage:
+    """The tiny base, built once and kept (build_image does nothing when it is up to date).
+    Always the host's own image directory: the base domain is shared with real runs."""
+    return build_image(conn, directory=DEFAULT_DATA_DIR / "images", progress=lambda s: None)
 
 
 @pytest.fixture

@@ -197,3 +197,25 @@ def test_ksmd_cpu_seconds_weights_each_row_by_its_interval():
     s = pd.DataFrame({"t": [0.0, 1.0, 3.0, 4.0], "ksmd_cpu": [99.0, 50.0, 25.0, 100.0]})
     assert ksmd_cpu_seconds(s) == 0.5 + 0.5 + 1.0  # the first row has no interval
     assert ksmd_cpu_seconds(s, after=1.0, upto=3.0) == 0.5
+
+
+def test_guest_missing_some_samples(tmp_path):
+    # clone02 came up late: no rows before t=350; the pivot must not shift anybody's values
+    d = vm_record(tmp_path / "late")
+    vm = pd.read_csv(d / "vm_samples.csv")
+    vm = vm[~((vm["domain"] == "clone02") & (vm["t"] < 350))]
+    vm.to_csv(d / "vm_samples.csv", index=False)
+    a = analyse(load_record(d))
+    assert [r["merging_pages"] for r in a.vm.rows] == [32000, 32000, 32000]
+    assert [r["pid"] for r in a.vm.rows] == [4001, 4002, 4003]
+    assert np.isnan(a.vm.merging.values[349, 1])  # no sample
+    assert a.vm.coverage_pct == 100.0  # median over the plateau: 250 of 300 ticks complete
+
+
+def test_guest_names_read_as_category_give_the_same_result(vm_dir):
+    record = load_record(vm_dir)
+    plain = analyse(record).vm
+    record.vm_samples["domain"] = record.vm_samples["domain"].astype("category")
+    categorical = analyse(record).vm
+    assert categorical.rows == plain.rows
+    assert np.array_equal(categorical.merging.values, plain.merging.values)

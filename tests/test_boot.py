@@ -77,6 +77,18 @@ def test_timeout_names_the_slow_guest(tmp_path: Path) -> None:
         wait_up(guests, BootWait(timeout=5), clock.now, clock.sleep)
 
 
+def test_missing_console_log_fails(tmp_path: Path) -> None:
+    clock = Clock({})
+    with pytest.raises(BootError, match="has no console log at .*gone.log"):
+        wait_up(
+            [Pending(FakeDom("g"), str(tmp_path / "gone.log"), 0.0)],
+            BootWait(timeout=300),
+            clock.now,
+            clock.sleep,
+        )
+    assert clock.t < 11
+
+
 def test_delay_method(tmp_path: Path) -> None:
     clock = Clock({})
     up = wait_up(

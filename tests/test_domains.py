@@ -358,6 +358,9 @@ def test_leftovers_are_only_tagged_objects(conn: libvirt.virConnect) -> None:
     stray.write_text("boot\n")
     other = paths.console_dir() / "notes.log"
     other.write_text("not ours\n")
+    # A log some process writes (a guest running elsewhere) is never a leftover.
+    busy = paths.console_dir() / f"kvmksm-{b.run}-fedora01-07.log"
+    busy_fd = busy.open("w")
 
     left = find_leftovers(conn)
     assert left.domains == sorted(g.name for g in a.guests + b.guests)
@@ -372,7 +375,9 @@ def test_leftovers_are_only_tagged_objects(conn: libvirt.virConnect) -> None:
     assert find_leftovers(conn).empty()
     assert domain_names(conn) == UNTOUCHABLE
     assert volumes(conn) == {"fedora01.qcow2", "kvmksm-notes.img"}
-    assert other.exists() and not stray.exists()
+    assert other.exists() and busy.exists() and not stray.exists()
+    busy_fd.close()
+    assert find_leftovers(conn).consoles == [busy]  # no longer written: now a leftover
     assert a.teardown() == [] and b.teardown() == []  # idempotent
 
 

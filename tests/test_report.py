@@ -8,12 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 from kvmksm.charts import MAX_POINTS, reduce_mean, reduce_minmax
-from kvmksm.report import fmt_expected, fmt_num, write_report
+from kvmksm.report import fmt_duration, fmt_expected, fmt_num, write_report
 
 from .recordgen import VmRun, ltp_record, vm_record
 
@@ -52,7 +53,8 @@ def test_sections_charts_and_per_vm_parts(vm_report):
 def test_headline_figures(vm_report):
     html = vm_report.read_text()
     assert re.search(r"250\s+MiB", card(html, "plateau_saved_mib"))
-    assert "32.6 % of guest memory" in card(html, "plateau_saved_mib")
+    assert re.search(r"32\.6\s+%", card(html, "plateau_saved_pct"))
+    assert "of 768 MiB guest memory" in card(html, "plateau_saved_pct")
     assert re.search(r"48\.8\s+%", card(html, "plateau_saved_pct_of_ceiling"))
     assert re.search(r"100\s+s", card(html, "time_to_50pct_s"))
     assert re.search(r"180\s+s", card(html, "time_to_90pct_s"))
@@ -187,3 +189,20 @@ def test_cli_report_subcommand(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (d / "report.html").is_file()
     assert str(d / "report.html") in out.stdout
+
+
+def test_duration_format():
+    assert fmt_duration(86399.0) == "86,399 s (23 h 59 min)"
+    assert fmt_duration(700.0) == "700 s (11 min 40 s)"
+    assert fmt_duration(14) == "14 s" and fmt_duration(None) == "—"
+
+
+def test_single_sample_record_renders_without_warnings(tmp_path):
+    # events far outside a one-sample time axis must not push the layout apart
+    d = vm_record(tmp_path / "one")
+    samples = (d / "samples.csv").read_text().splitlines()
+    (d / "samples.csv").write_text("\n".join(samples[:2]) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        html = write_report(d).read_text()
+    assert html.count('<svg class="chart"') == 4

@@ -7,7 +7,6 @@ runs anywhere, including hosts whose /dev/kvm cannot run guests.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -15,31 +14,13 @@ import pytest
 
 from kvmksm.boot import BootError
 from kvmksm.cleanup import find_leftovers
-from kvmksm.errors import UserError
 from kvmksm.fleet import Fleet
-from kvmksm.image import CMDLINE, TinyImage, build_image
-from kvmksm.libvirt_conn import open_connection
+from kvmksm.image import CMDLINE, TinyImage
 from kvmksm.qemu_pid import names_guest
 from kvmksm.scenario import VmsWorkload
 
 pytestmark = pytest.mark.libvirt
 URI = "qemu:///system"
-
-
-@pytest.fixture(scope="session")
-def conn() -> Iterator[libvirt.virConnect]:
-    try:
-        c = open_connection(URI)
-    except UserError as e:
-        pytest.fail(f"{e} (run scripts/setup.sh, or deselect with -m 'not libvirt')")
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="session")
-def tiny(conn: libvirt.virConnect) -> TinyImage:
-    """The tiny base, built once and kept (build_image does nothing when it is up to date)."""
-    return build_image(conn, progress=lambda s: None)
 
 
 def workload(**kw: object) -> VmsWorkload:
