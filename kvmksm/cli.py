@@ -334,6 +334,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from kvmksm import compare
 
+    if not 0 < args.alpha < 1:
+        raise UserError(f"--alpha: expected a significance level between 0 and 1, got {args.alpha}")
     cmp = compare.compare(compare.collect(args.paths), args.by_argument, args.alpha)
     html = compare.write_html(
         cmp, args.output or compare.default_output(args.paths, "compare.html")

@@ -511,13 +511,21 @@ def plan_chart(p: DensityPlan, i: int = 0) -> str:
                 )
         for a in axes:
             a.axvspan(top, hi, color="#9e9e9e", alpha=0.08, lw=0)
-        ax.text(top, ax.get_ylim()[1] * 0.97, "  extrapolated", va="top", color="#616161")
+        # x in data, y in axes fractions: stays at the top whatever the y limits become
+        ax.text(
+            top,
+            0.97,
+            "  extrapolated",
+            va="top",
+            color="#616161",
+            transform=ax.get_xaxis_transform(),
+        )
         # Up to a little past the host: where the lines cross the usable memory is the point.
         ax.set_ylim(0, max(inp["host_memory_mib"] * 1.3 / gib, float(ys.max()) * 1.1))
         ax.set_ylabel("memory needed (GiB)")
         ax.yaxis.set_major_formatter(FuncFormatter(plots.thousands))
         ax.set_title(f"{d['noun'].capitalize()} that fit ({d['config']})")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="center left", fontsize=8)
         if cpu:
             ax2 = axes[1]
             cp = [(p_["n"], p_["cpu_pct"]) for p_ in d["points"] if p_["cpu_pct"] is not None]

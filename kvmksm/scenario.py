@@ -25,7 +25,7 @@ from kvmksm.ksm import KNOWN_COUNTERS, KNOWN_KNOBS
 from kvmksm.units import Duration, Size
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
-DEFAULT_SCENARIO = "ltp-ksm03.yaml"
+DEFAULT_SCENARIO = "tiny3.yaml"
 
 
 class Strict(BaseModel):
@@ -210,6 +210,7 @@ class VmsWorkload(Strict):
     boot: BootWait = BootWait()
     settle: Duration = 5.0
     steady: Steady = Steady()
+    plateau: Duration = 10.0  # KSM stays on this long after steady: the plateau measured
     unmerge: bool = True
     expect: Annotated[Expect, AfterValidator(_check_expect_keys)] = {}
 

@@ -100,7 +100,8 @@ BAD = [
     (
         "workload:\n  type: vms\n  base: {domain: x}\n  clones: 2\n  bogus: 1\n",
         "bad.yaml:5: workload.bogus: unknown field (expected one of: type, connect, domain_type, "
-        "base, clones, disk, pool, memory, guest_fill, boot, settle, steady, unmerge, expect)",
+        "base, clones, disk, pool, memory, guest_fill, boot, settle, steady, plateau, unmerge, "
+        "expect)",
     ),
     (
         "workload:\n  type: vms\n  base: {domain: x}\n  clones: 0\n",

@@ -72,6 +72,11 @@ class VmsRun(Workload):
             base = fleet.check()  # base exists and is shut off, pool usable, boot possible
         except UserError as e:
             name = getattr(self.spec.base, "domain", None)
+            if name and "not found" in str(e) and name.startswith("kvmksm-"):
+                raise UserError(
+                    f"base domain '{name}' not found at {self.uri}: build the tiny base image "
+                    f"first with: kvmksm image build --name {name}"
+                ) from None
             if name and "not found" in str(e):
                 raise UserError(
                     f"base domain '{name}' not found at {self.uri}: define your guest there "
@@ -130,6 +135,11 @@ class VmsRun(Workload):
         ctx.ksm.write("run", 1)
         ctx.record.event("ksm_on", "run=1")
         self._until_steady(ctx)
+        if spec.plateau > 0:
+            # Savings and ksmd's cost at rest are measured over this stretch of the curve.
+            with ctx.phase(f"holding the plateau for {spec.plateau:g}s"):
+                time.sleep(spec.plateau)
+            ctx.record.event("plateau_done", f"{spec.plateau:g}s after steady")
         self._reconcile(ctx)
         ctx.check("steady", spec.expect)
         if spec.unmerge:
