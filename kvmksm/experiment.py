@@ -40,7 +40,7 @@ from kvmksm.hostinfo import host_facts
 from kvmksm.ksm import Ksm
 from kvmksm.record import RUN_JSON, Record, load_record, utc_now
 from kvmksm.scenario import SIZE_AXES, Scenario
-from kvmksm.workloads.base import RunContext, Workload
+from kvmksm.workloads.base import Workload
 
 FORMAT = 1
 INDEX = "experiment.json"
@@ -106,61 +106,6 @@ def expand(sc: Scenario) -> list[RunPlan]:
 
 
 # -- running ----------------------------------------------------------------------------
-DRAIN_TIMEOUT = 10.0  # seconds teardown waits for ksmd to drop an exited workload's pages
-
-
-class Drained(Workload):
-    """A workload whose teardown then waits, ksmd still on, until ksmd has dropped the pages
-    of the processes or guests that just exited. Their merged pages stay in the counters
-    until ksmd's scan reaches them; once the knobs are restored (ksmd off) they would stay
-    into the next run and inflate its first samples."""
-
-    def __init__(self, inner: Workload) -> None:
-        self.inner = inner
-
-    def preflight(self, fs: HostFS, ksm: Ksm) -> None:
-        self.inner.preflight(fs, ksm)
-
-    def probes(self) -> list[Any]:
-        return self.inner.probes()
-
-    def run(self, ctx: RunContext) -> None:
-        self.inner.run(ctx)
-
-    def teardown(self, ctx: RunContext) -> list[str]:
-        problems = self.inner.teardown(ctx)
-        try:
-            drain(ctx)
-        except Exception as e:  # teardown never raises: the knobs must still be restored
-            ctx.record.event("drain_failed", str(e))
-        return problems
-
-
-def drain(ctx: RunContext, timeout: float = DRAIN_TIMEOUT, poll: float = 0.02) -> None:
-    """Wait until pages_shared + pages_sharing are back to what they were before the run, or
-    ksmd finished two more full scans (what is left then belongs to other KSM users)."""
-    ksm = ctx.ksm
-    if ksm.read("run") != 1:
-        return
-    before = ctx.record.data.get("counters_before") or {}
-    base = int(before.get("pages_shared", 0)) + int(before.get("pages_sharing", 0))
-    t0, scans0 = time.monotonic(), int(ksm.read("full_scans"))
-    while True:
-        c = ksm.read_counters()
-        merged = c.get("pages_shared", 0) + c.get("pages_sharing", 0)
-        waited = round(time.monotonic() - t0, 3)
-        if merged <= base or c.get("full_scans", 0) >= scans0 + 2:
-            why = "as before the run" if merged <= base else "after 2 full scans"
-            ctx.record.event("drained", f"{merged} merged pages, {why}", seconds=waited)
-            return
-        if waited > timeout:
-            ctx.record.event(
-                "drain_timeout", f"{merged} merged pages left after {timeout:g}s", seconds=waited
-            )
-            return
-        time.sleep(poll)
-
-
 @dataclass
 class ExperimentResult:
     status: str  # passed | failed | error | interrupted
@@ -213,7 +158,7 @@ def run_experiment(
                 entry.update(status="running", started=utc_now())
                 _save(exp_dir, index)
                 t0 = time.monotonic()
-                workload = Drained(factory(plan.scenario))
+                workload = factory(plan.scenario)
                 try:
                     result = bench(
                         plan.scenario,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,6 +170,10 @@ def _teardown(
         problems += workload.teardown(ctx)
     except Exception as e:  # teardown must go on to restore the knobs
         problems.append(f"workload teardown: {e}")
+    try:
+        drain(ctx)
+    except Exception as e:  # the knobs must still be restored
+        ctx.record.event("drain_failed", str(e))
     problems += ctx.ksm.restore(saved)
     after = ctx.ksm.read_knobs()
     ctx.record.update(knobs_after=after)
@@ -178,6 +183,37 @@ def _teardown(
     else:
         ctx.record.event("knobs_restored", f"{len(saved)} knobs as before")
     return problems
+
+
+DRAIN_TIMEOUT = 10.0  # seconds teardown waits for ksmd to drop an exited workload's pages
+
+
+def drain(ctx: RunContext, timeout: float = DRAIN_TIMEOUT, poll: float = 0.02) -> None:
+    """With ksmd still on, wait until pages_shared + pages_sharing are back to what they were
+    before the run, or ksmd finished two more full scans (what is left then belongs to other
+    KSM users). The merged pages of processes or guests that just exited stay in the counters
+    until ksmd's scan reaches them: with ksmd switched off by the knob restore they would
+    linger into the next run and inflate its first samples."""
+    ksm = ctx.ksm
+    if ksm.read("run") != 1:
+        return
+    before = ctx.record.data.get("counters_before") or {}
+    base = int(before.get("pages_shared", 0)) + int(before.get("pages_sharing", 0))
+    t0, scans0 = time.monotonic(), int(ksm.read("full_scans"))
+    while True:
+        c = ksm.read_counters()
+        merged = c.get("pages_shared", 0) + c.get("pages_sharing", 0)
+        waited = round(time.monotonic() - t0, 3)
+        if merged <= base or c.get("full_scans", 0) >= scans0 + 2:
+            why = "as before the run" if merged <= base else "after 2 full scans"
+            ctx.record.event("drained", f"{merged} merged pages, {why}", seconds=waited)
+            return
+        if waited > timeout:
+            ctx.record.event(
+                "drain_timeout", f"{merged} merged pages left after {timeout:g}s", seconds=waited
+            )
+            return
+        time.sleep(poll)
 
 
 @contextlib.contextmanager
