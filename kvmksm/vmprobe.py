@@ -10,6 +10,7 @@ error, so guests that stop leave no gap in the other guests' data and no hole in
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ from kvmksm.record import VM_SAMPLES
 
 KSM_STAT_FIELDS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit")
 VM_COLUMNS = ["t", "domain", "pid", *KSM_STAT_FIELDS, "rss_kb"]
+
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # The process has gone (ENOENT: /proc/<pid> is gone; ESRCH: it is exiting).
 _GONE = (errno.ENOENT, errno.ESRCH)
@@ -45,20 +48,13 @@ def read_process(fs: HostFS, pid: int) -> dict[str, int | None]:
         except (OSError, ValueError, IndexError):
             pass
     try:
-        out["rss_kb"] = _vm_rss(fs.read(f"proc/{pid}/status"))
+        # statm's resident pages is VmRSS, at a fraction of the cost of parsing status.
+        out["rss_kb"] = int(fs.read(f"proc/{pid}/statm").split()[1]) * PAGE_KB
     except OSError as e:
         if e.errno in _GONE:
             raise ProcessGone(pid) from None
         out["rss_kb"] = None  # one unreadable file must not cost the other guests' rows
     return out
-
-
-def _vm_rss(status: str) -> int | None:
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            parts = line.split()
-            return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-    return None  # kernel threads and zombies have no VmRSS
 
 
 class VmProbe:

@@ -126,3 +126,28 @@ def test_sigint_while_ksm_on_leaves_host_clean(
     assert _leftovers(conn) == []
     assert ActiveRun.load() is None
     # real_ksm's teardown asserts every knob is back to its prior value.
+
+
+def test_kvmksm_clean_after_sigkill(
+    conn: libvirt.virConnect, tiny: TinyImage, real_ksm: Ksm, tmp_path: Path
+) -> None:
+    """SIGKILL leaves no chance to tidy up: `kvmksm clean` removes the guests and volumes
+    and puts back the knobs the run saved."""
+    before = real_ksm.read_knobs()
+    data = json.loads(json.dumps(SCENARIO))
+    data["knobs"] = {"pages_to_scan": 10, "sleep_millisecs": 200}
+    proc = _bench(tmp_path, data)
+    _wait_for_event(tmp_path / "out", "ksm_on", timeout=300)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert real_ksm.read("pages_to_scan") == 10  # the run's setting is still there
+    assert len(_leftovers(conn)) >= 2
+    assert ActiveRun.load() is not None
+    clean = subprocess.run(
+        [sys.executable, "-m", "kvmksm", "clean"], capture_output=True, text=True, timeout=300
+    )
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "restore KSM knobs" in clean.stdout and "remove domain kvmksm-" in clean.stdout
+    assert _leftovers(conn) == []
+    assert real_ksm.read_knobs() == before
+    assert ActiveRun.load() is None

@@ -149,9 +149,7 @@ def add_proc(
     d.mkdir(parents=True, exist_ok=True)
     (d / "cmdline").write_bytes(qemu_argv(name))
     (d / "comm").write_text("qemu-system-x86\n")
-    (d / "status").write_text(
-        f"Name:\tqemu-system-x86\nPid:\t{pid}\nVmPeak:\t  999999 kB\nVmRSS:\t  {rss_kb} kB\n"
-    )
+    (d / "statm").write_text(f"999999 {rss_kb // 4} 100 10 0 5000 0\n")  # pages of 4 KiB
     if ksm_stat:
         set_merging(root, pid, merging)
 
@@ -336,7 +334,7 @@ def test_probe_skips_a_process_that_vanished_mid_read(
     real_read = HostFS.read
 
     def read(self: HostFS, rel: str) -> str:
-        if rel == "proc/6002/status":  # ksm_stat was read, then the process died
+        if rel == "proc/6002/statm":  # ksm_stat was read, then the process died
             raise ProcessLookupError(3, "No such process")
         return real_read(self, rel)
 
@@ -370,7 +368,7 @@ def test_host_without_libvirt_or_ksm_says_so_and_records_what_it_can(
     kvm = fake_root / "proc/7002"
     kvm.mkdir()
     (kvm / "cmdline").write_bytes(qemu_argv("100", exe="/usr/bin/kvm"))  # Proxmox's QEMU
-    (kvm / "status").write_text("VmRSS:\t  2048 kB\n")
+    (kvm / "statm").write_text("1000 512 10 1 0 100 0\n")  # 2048 kB resident
     (fake_root / "proc/7003").mkdir()
     (fake_root / "proc/7003/cmdline").write_bytes(b"/bin/sh\0-c\0sleep 100\0")
     monkeypatch.setitem(sys.modules, "libvirt", None)  # `import libvirt` fails
