@@ -26,15 +26,21 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # No systemd here (nor on many CI hosts): start the daemons by hand when they are not running.
-if ! pgrep -x virtlogd >/dev/null; then
+# A zombie left by a killed daemon must not count as running: ask for live states only.
+alive() { pgrep -x -r R,S,D "$1" >/dev/null; }
+if ! alive virtlogd; then
   say "starting virtlogd"
   virtlogd -d
 fi
-if ! pgrep -x libvirtd >/dev/null; then
-  say "starting libvirtd"
-  libvirtd -d
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  if alive libvirtd; then
+    say "libvirtd runs but does not answer; waiting for it"
+  else
+    say "starting libvirtd"
+    libvirtd -d
+  fi
 fi
-for _ in $(seq 1 50); do
+for _ in $(seq 1 100); do
   virsh -c qemu:///system version >/dev/null 2>&1 && break
   sleep 0.2
 done
