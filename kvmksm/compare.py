@@ -553,6 +553,7 @@ def _short(text: str, width: int = 40) -> str:
 def write_html(cmp: Comparison, path: Path) -> Path:
     from kvmksm import plots
     from kvmksm.pareto import pareto_chart
+    from kvmksm.report import html_env
 
     path = Path(path)
     here = path.parent.resolve()
@@ -588,7 +589,7 @@ def write_html(cmp: Comparison, path: Path) -> Path:
         "sources": cmp.sources,
         "colours": {g.id: plots.colour(i) for i, g in enumerate(cmp.groups)},
     }
-    html = plots.html_env().get_template("compare.html.j2").render(**ctx)
+    html = html_env().get_template("compare.html.j2").render(**ctx)
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(html, encoding="utf-8")

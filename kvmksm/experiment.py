@@ -18,14 +18,12 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import yaml
@@ -40,6 +38,7 @@ from kvmksm.hostinfo import host_facts
 from kvmksm.ksm import Ksm
 from kvmksm.record import RUN_JSON, Record, load_record, utc_now
 from kvmksm.scenario import SIZE_AXES, Scenario
+from kvmksm.signals import signals_raise
 from kvmksm.workloads.base import Workload
 
 FORMAT = 1
@@ -147,7 +146,7 @@ def run_experiment(
     )
     status = "passed"
     try:
-        with _sigterm_raises():
+        with signals_raise():
             for plan in plans:
                 entry = index["runs"][plan.index]
                 console.print(
@@ -475,18 +474,3 @@ def summary_table(exp_dir: Path) -> Table:
             row.append("★" if p["index"] in front else "")
         table.add_row(*row)
     return table
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Between runs SIGTERM ends the experiment like Ctrl-C (inside a run bench() handles it)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)

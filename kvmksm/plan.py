@@ -438,12 +438,12 @@ def terminal(plans: list[DensityPlan], console: Console) -> None:
 
 
 def write_html(plans: list[DensityPlan], path: Path) -> Path:
-    from kvmksm import plots
+    from kvmksm.report import html_env
 
     path = Path(path)
     items = [{"data": p.data, "svg": plan_chart(p, i)} for i, p in enumerate(plans)]
     html = (
-        plots.html_env()
+        html_env()
         .get_template("plan.html.j2")
         .render(plans=items, model=to_json(plans)["model"], title=_title(plans))
     )

@@ -6,11 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import matplotlib
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from matplotlib.figure import Figure
 
 from kvmksm import charts
-from kvmksm.report import fmt_num, fmt_value
 
 
 def render(name: str, title: str, build: Callable[[], Figure]) -> str:
@@ -26,16 +24,3 @@ def thousands(v: float, _pos: object = None) -> str:
 
 def colour(i: int) -> str:
     return charts.GUEST_COLOURS[i % len(charts.GUEST_COLOURS)]
-
-
-def html_env() -> Environment:
-    env = Environment(
-        loader=PackageLoader("kvmksm", "templates"),
-        autoescape=select_autoescape(["html", "j2"]),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["num"] = fmt_num
-    env.filters["value"] = fmt_value
-    return env

@@ -47,10 +47,11 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def render_report(record: Record) -> str:
-    return _env().get_template("report.html.j2").render(**build_context(record))
+    return html_env().get_template("report.html.j2").render(**build_context(record))
 
 
-def _env() -> Environment:
+def html_env() -> Environment:
+    """The Jinja2 environment of every kvmksm HTML page (report, compare, plan)."""
     env = Environment(
         loader=PackageLoader("kvmksm", "templates"),
         autoescape=select_autoescape(["html", "j2"]),

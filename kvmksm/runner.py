@@ -3,14 +3,10 @@ everything on every exit path (normal end, failed check, exception, Ctrl-C, SIGT
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -24,6 +20,7 @@ from kvmksm.ksm import Ksm, ksm_processes
 from kvmksm.record import RunRecord
 from kvmksm.sampler import Sampler
 from kvmksm.scenario import ProcessesWorkload, Scenario
+from kvmksm.signals import signals_ignored, signals_raise
 from kvmksm.workloads.base import RunContext, Workload
 
 
@@ -91,7 +88,7 @@ def _run_locked(
     record.update(host=host_facts(fs), knobs_before=saved, counters_before=ksm.read_counters())
     status, error = "error", None
     sampler: Sampler | None = None
-    with _signals_raise():
+    with signals_raise():
         try:
             record.event("run_start", f"scenario {sc.name}")
             _note_other_users(ctx)
@@ -117,7 +114,7 @@ def _run_locked(
             record.event("error", error, traceback=traceback.format_exc())
         finally:
             # Teardown must finish even if the user presses Ctrl-C again.
-            with _signals_ignored():
+            with signals_ignored():
                 problems = _teardown(ctx, workload, sampler, saved)
                 if problems:
                     record.event("teardown_problems", "; ".join(problems))
@@ -214,32 +211,6 @@ def drain(ctx: RunContext, timeout: float = DRAIN_TIMEOUT, poll: float = 0.02) -
             )
             return
         time.sleep(poll)
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so the finally blocks restore the host."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def load_scenario(arg: str | None) -> tuple[Scenario, str]:

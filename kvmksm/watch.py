@@ -20,11 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +41,7 @@ from kvmksm.ksm import Ksm, ksm_processes
 from kvmksm.qemu_pid import PidNotFound, find_qemu_pid
 from kvmksm.record import RunRecord
 from kvmksm.sampler import Sampler
+from kvmksm.signals import signals_ignored, signals_raise
 from kvmksm.units import format_size
 from kvmksm.vmprobe import VmProbe
 
@@ -567,7 +567,7 @@ def watch(
     for n in notes:
         view.message(f"  note: {n}")
         record.event("watch_note", n)
-    with _signals_raise():
+    with signals_raise():
         try:
             record.event("run_start", f"watching; guests from {lister.source}")
             tracker.check_bench()
@@ -581,12 +581,12 @@ def watch(
             status = "passed"
         except (KeyboardInterrupt, Interrupted) as e:
             status = "passed"  # stopping is how a watch ends
-            ended_by = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else str(e)
+            ended_by = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else str(e).split()[-1]
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
             record.event("error", error, traceback=traceback.format_exc())
         finally:
-            with _signals_ignored():
+            with signals_ignored():
                 view.close()
                 _close(record, sampler, tracker, lister, ksm, knobs, status, ended_by)
                 record.finish(status, error)
@@ -823,37 +823,3 @@ class _LiveView:
         if self.live is not None:
             self.live.stop()
             self.live = None
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGTERM/SIGHUP end the watch like Ctrl-C (signals can only be set in the main thread;
-    elsewhere, as in tests, the duration ends it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Closing the record must finish even if Ctrl-C is pressed again."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
