@@ -231,9 +231,21 @@ def _plan_one(
 
     def cpu_at(key: str, n: float | None) -> float | None:
         f = cpu_fits.get(key)
-        return None if f is None or n is None else f["c0"] + f["c1"] * n
+        if f is None or n is None:
+            return None
+        if f["c1"] < 0:
+            # Falling with N is noise (ksmd's share is set by pages_to_scan/sleep_millisecs,
+            # not the guest count): a line would go below zero; the measured mean is honest.
+            return float(np.mean([p[key] for p in pts if p[key] is not None]))
+        return f["c0"] + f["c1"] * n
 
     cpu_pct_at = cpu_at("cpu_pct", n1)
+    if cpu_fits.get("cpu_pct", {}).get("c1", 0) < 0:
+        notes.append(
+            "ksmd's CPU share did not grow with the guest count in these runs (the scan rate, "
+            "set by pages_to_scan and sleep_millisecs, decides it): the mean measured share is "
+            "given for the projected density"
+        )
     if cpu_pct_at is not None and cpu_pct_at > 100:
         notes.append(
             f"the CPU fit asks {cpu_pct_at:,.0f}% of one CPU at N = {n1}, but ksmd is one "
@@ -531,7 +543,7 @@ def plan_chart(p: DensityPlan, i: int = 0) -> str:
             cp = [(p_["n"], p_["cpu_pct"]) for p_ in d["points"] if p_["cpu_pct"] is not None]
             ax2.plot([c[0] for c in cp], [c[1] for c in cp], "o", color="#c62828", label="measured")
             # ksmd is one thread: the fit is drawn up to 100% of one CPU, where it tops out.
-            fitted = np.minimum(cpu["c0"] + cpu["c1"] * n, 100.0)
+            fitted = np.clip(cpu["c0"] + cpu["c1"] * n, 0.0, 100.0)
             ax2.plot(n, fitted, color="#c62828", lw=1.2, label="fit (ksmd tops out at 100%)")
             at = d["with_ksm"]["ksmd_cpu_pct"]
             if n1 and at is not None:
