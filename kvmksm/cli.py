@@ -205,6 +205,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from kvmksm.report import write_report
 
     for d in args.run_dir:
+        if (Path(d) / "experiment.json").exists():
+            raise UserError(
+                f"{d}: an experiment folder, not a run record: its summary is rebuilt with "
+                f"kvmksm compare {d} (and kvmksm plan {d} for a clone-count sweep)"
+            )
         print(write_report(d))
     return 0
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kvmksm.errors import LockedError
+from kvmksm.errors import LockedError, UserError
 
 LOCK_NAME = "bench.lock"
 ACTIVE_NAME = "active.json"
@@ -33,8 +33,14 @@ class HostLock:
         self._fd: int | None = None
 
     def acquire(self, what: str = "") -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(
+                f"cannot open the host lock {self.path}: {e.strerror} (run as root, or set "
+                "KVMKSM_STATE_DIR)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

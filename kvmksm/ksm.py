@@ -77,6 +77,15 @@ class Ksm:
                 "(kernel built without CONFIG_KSM?)"
             )
 
+    def require_writable(self) -> None:
+        """A bench writes knobs: say plainly when this user cannot (before anything starts)."""
+        self.require()
+        if not os.access(self.fs.path(f"{KSM_DIR}/run"), os.W_OK):
+            raise UserError(
+                f"cannot write KSM knobs in {self.fs.path(KSM_DIR)} as this user: "
+                "kvmksm bench must run as root (kvmksm watch only reads)"
+            )
+
     def files(self) -> list[str]:
         try:
             return self.fs.listdir(KSM_DIR)

@@ -59,7 +59,7 @@ def bench(
     console = console or Console(stderr=True)
     ksm = Ksm(fs)
     # Everything below until the lock only reads the host.
-    ksm.require()
+    ksm.require_writable()
     ksm.check_knobs(sc.knobs, where=f"{scenario_file or sc.name}: knobs: ")
     workload = workload or make_workload(sc, connect)
     workload.preflight(fs, ksm)  # raises UserError; reads the host, changes nothing
