@@ -543,8 +543,14 @@ def plan_chart(p: DensityPlan, i: int = 0) -> str:
             cp = [(p_["n"], p_["cpu_pct"]) for p_ in d["points"] if p_["cpu_pct"] is not None]
             ax2.plot([c[0] for c in cp], [c[1] for c in cp], "o", color="#c62828", label="measured")
             # ksmd is one thread: the fit is drawn up to 100% of one CPU, where it tops out.
-            fitted = np.clip(cpu["c0"] + cpu["c1"] * n, 0.0, 100.0)
-            ax2.plot(n, fitted, color="#c62828", lw=1.2, label="fit (ksmd tops out at 100%)")
+            # A share falling with N is drawn as the measured mean, as the projection uses.
+            if cpu["c1"] < 0:
+                fitted = np.full_like(n, float(np.mean([c[1] for c in cp])), dtype=float)
+                label = "mean measured (no growth with N)"
+            else:
+                fitted = np.clip(cpu["c0"] + cpu["c1"] * n, 0.0, 100.0)
+                label = "fit (ksmd tops out at 100%)"
+            ax2.plot(n, fitted, color="#c62828", lw=1.2, label=label)
             at = d["with_ksm"]["ksmd_cpu_pct"]
             if n1 and at is not None:
                 ax2.plot([n1], [at], "s", color="#2e7d32", label=f"at {n1} with KSM")
