@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 
 from kvmksm.hostfs import KSM_DIR, HostFS
-from kvmksm.hoststate import ActiveRun, HostLock, state_dir
+from kvmksm.hoststate import ActiveRun, HostLock
 from kvmksm.ksm import KNOWN_KNOBS, Ksm, ksm_processes
 from kvmksm.scenario import Scenario, VmsWorkload
 from kvmksm.units import format_size
@@ -136,7 +136,6 @@ def _other_users(fs: HostFS) -> list[Finding]:
 
 def _state() -> list[Finding]:
     out = []
-    holder = state_dir() / "bench.lock"
     lock = HostLock()
     try:
         lock.acquire("doctor probe")
@@ -155,7 +154,7 @@ def _state() -> list[Finding]:
                 )
             )
         else:
-            out.append(Finding("ok", f"no kvmksm run in progress ({holder})"))
+            out.append(Finding("ok", f"no kvmksm run in progress ({lock.path})"))
     return out
 
 

@@ -113,7 +113,9 @@ class ExperimentResult:
 
     @property
     def exit_code(self) -> int:
-        return {"passed": 0, "interrupted": 130}.get(self.status, 1)
+        from kvmksm.runner import exit_code
+
+        return exit_code(self.status)
 
 
 def run_experiment(

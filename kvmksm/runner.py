@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from kvmksm import scenario as scenario_mod
-from kvmksm.errors import Interrupted, UserError, WorkloadFailed
+from kvmksm.errors import Interrupted, WorkloadFailed
 from kvmksm.hostfs import HostFS
 from kvmksm.hostinfo import host_facts
 from kvmksm.hoststate import ActiveRun, HostLock
@@ -33,7 +33,12 @@ class BenchResult:
 
     @property
     def exit_code(self) -> int:
-        return {"passed": 0, "interrupted": 130}.get(self.status, 1)
+        return exit_code(self.status)
+
+
+def exit_code(status: str) -> int:
+    """0 when every check passed, 130 when interrupted, 1 otherwise (2 is for bad input)."""
+    return {"passed": 0, "interrupted": 130}.get(status, 1)
 
 
 def make_workload(sc: Scenario, connect: str | None = None) -> Workload:
@@ -216,6 +221,3 @@ def drain(ctx: RunContext, timeout: float = DRAIN_TIMEOUT, poll: float = 0.02) -
 def load_scenario(arg: str | None) -> tuple[Scenario, str]:
     path = scenario_mod.resolve_path(arg)
     return scenario_mod.load(path), str(path)
-
-
-__all__ = ["bench", "BenchResult", "load_scenario", "UserError"]

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
 
 from kvmksm import checks
-from kvmksm.hostfs import HostFS
+from kvmksm.errors import UserError
+from kvmksm.hostfs import KSM_DIR, HostFS
 from kvmksm.hoststate import ActiveRun
 from kvmksm.ksm import Ksm
 from kvmksm.record import RunRecord
 from kvmksm.sampler import Probe
 from kvmksm.scenario import Range, Scenario
+from kvmksm.units import format_size
 
 
 @dataclass
@@ -53,6 +55,25 @@ class RunContext:
     def say(self, text: str) -> None:
         if self.console.is_terminal:
             self.console.log(text)
+
+
+def require_fits(fs: HostFS, n: int, each: int, what: str) -> None:
+    """n x each bytes must fit in 90% of MemAvailable, or the host would swap or OOM."""
+    need = n * each
+    avail = fs.meminfo().get("MemAvailable", 0) * 1024
+    if need > 0.9 * avail:
+        raise UserError(
+            f"workload: {n} {what} x {format_size(each)} = {format_size(need)} does not fit "
+            f"in 90% of available memory ({format_size(avail)})"
+        )
+
+
+def require_counters(fs: HostFS, ksm: Ksm, keys: Iterable[str], where: str) -> None:
+    """Every expected counter must exist on this kernel."""
+    have = set(ksm.files())
+    for key in keys:
+        if key not in have:
+            raise UserError(f"{where}.{key}: this kernel has no such KSM file ({fs.path(KSM_DIR)})")
 
 
 class Workload:

@@ -11,12 +11,12 @@ import time
 from typing import Any
 
 from kvmksm.cgroup import MemoryCgroup
-from kvmksm.errors import UserError, WorkloadFailed
+from kvmksm.errors import WorkloadFailed
 from kvmksm.hostfs import HostFS
 from kvmksm.ksm import Ksm
 from kvmksm.scenario import FillStep, ProcessesWorkload, StopStep, UnmergeStep
 from kvmksm.units import format_size
-from kvmksm.workloads.base import RunContext, Workload
+from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
 
 class ProcessesRun(Workload):
@@ -26,22 +26,9 @@ class ProcessesRun(Workload):
         self.cgroup: MemoryCgroup | None = None
 
     def preflight(self, fs: HostFS, ksm: Ksm) -> None:
-        need = self.spec.count * self.spec.size
-        avail = fs.meminfo().get("MemAvailable", 0) * 1024
-        if need > 0.9 * avail:
-            raise UserError(
-                f"workload: {self.spec.count} x {format_size(self.spec.size)} = "
-                f"{format_size(need)} does not fit in 90% of available memory "
-                f"({format_size(avail)})"
-            )
-        have = set(ksm.files())
+        require_fits(fs, self.spec.count, self.spec.size, "processes")
         for i, step in enumerate(self.spec.steps):
-            for key in step.expect:
-                if key not in have:
-                    raise UserError(
-                        f"workload.steps[{i}].expect.{key}: this kernel has no such KSM file "
-                        f"({fs.path('sys/kernel/mm/ksm')})"
-                    )
+            require_counters(fs, ksm, step.expect, f"workload.steps[{i}].expect")
         if self.spec.cgroup:
             # Constructing it checks that a memory controller exists; nothing is created yet.
             MemoryCgroup(fs, "kvmksm-preflight", self.spec.cgroup.memory_limit)
@@ -112,11 +99,12 @@ class ProcessesRun(Workload):
             processes=[{"index": i, "pid": p.pid} for i, p in enumerate(self.children)]
         )
 
-    def _send(self, cmd: str, arg: Any = None) -> None:
-        for p in self.children:
-            assert p.stdin is not None
-            p.stdin.write(json.dumps([cmd, arg]) + "\n")
-            p.stdin.flush()
+    @staticmethod
+    def _tell(proc: subprocess.Popen[str], cmd: str, arg: Any = None) -> None:
+        """One command line to one child (filler.child_main reads them)."""
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps([cmd, arg]) + "\n")
+        proc.stdin.flush()
 
     def _reply(self, index: int, want: str, timeout: float = 600) -> Any:
         proc = self.children[index]
@@ -139,14 +127,13 @@ class ProcessesRun(Workload):
         desc = "/".join(p.describe() for p in step.patterns)
         with ctx.phase(f"step {step_no}: filling {desc}"):
             for proc, pattern in zip(self.children, step.patterns, strict=True):
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps(["fill", [step_no, pattern.model_dump()]]) + "\n")
-                proc.stdin.flush()
+                self._tell(proc, "fill", [step_no, pattern.model_dump()])
             seconds = [self._reply(i, "filled") for i in range(len(self.children))]
         ctx.record.event("round_filled", desc, step=step_no, seconds=round(max(seconds), 4))
 
     def _verify(self, ctx: RunContext, step_no: int) -> None:
-        self._send("verify")
+        for proc in self.children:
+            self._tell(proc, "verify")
         replies = [self._reply(i, "verified") for i in range(len(self.children))]
         bad = [(i, off) for i, (off, _) in enumerate(replies) if off is not None]
         if bad:
@@ -174,7 +161,7 @@ class ProcessesRun(Workload):
         for proc in self.children:
             try:
                 if proc.poll() is None and proc.stdin is not None:
-                    proc.stdin.write(json.dumps(["exit", None]) + "\n")
+                    self._tell(proc, "exit")
                     proc.stdin.close()
             except OSError:
                 pass

@@ -14,7 +14,7 @@ from kvmksm.sampler import Probe
 from kvmksm.scenario import VmsWorkload
 from kvmksm.steady import SteadyDetector
 from kvmksm.units import format_size
-from kvmksm.workloads.base import RunContext, Workload
+from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
 POLL = 0.2  # seconds between steady-state readings
 
@@ -54,10 +54,7 @@ class VmsRun(Workload):
         from kvmksm.libvirt_conn import open_connection, resolve_uri
 
         self.fs = fs
-        have = set(ksm.files())
-        for key in self.spec.expect:
-            if key not in have:
-                raise UserError(f"workload.expect.{key}: this kernel has no such KSM file")
+        require_counters(fs, ksm, self.spec.expect, "workload.expect")
         self.uri = resolve_uri(self.connect, self.spec.connect)
         self.conn = open_connection(self.uri)
         try:
@@ -84,15 +81,7 @@ class VmsRun(Workload):
                     "self-contained scenario instead: kvmksm bench scenarios/tiny3.yaml"
                 ) from None
             raise
-        per_guest = self.spec.memory or _memory_of(base.xml)
-        need = per_guest * self.spec.clones
-        avail = fs.meminfo().get("MemAvailable", 0) * 1024
-        if need > 0.9 * avail:
-            raise UserError(
-                f"workload: {self.spec.clones} clones x {format_size(per_guest)} = "
-                f"{format_size(need)} does not fit in 90% of available memory "
-                f"({format_size(avail)})"
-            )
+        require_fits(fs, self.spec.clones, self.spec.memory or _memory_of(base.xml), "clones")
 
     def probes(self) -> list[Probe]:
         from kvmksm.vmprobe import VmProbe
@@ -198,15 +187,13 @@ class VmsRun(Workload):
         Each KSM page mapped k times counts 1 in pages_shared, k-1 in pages_sharing and k
         in the merging pages of the processes mapping it, so with only our guests merging
         the two must match, up to what changed between the reads."""
-        from kvmksm.hostfs import parse_keyvalue
+        from kvmksm.vmprobe import ProcessGone, read_process
 
-        per_vm = {}
+        per_vm: dict[str, int | None] = {}
         for name, pid in self.pids.items():
             try:
-                per_vm[name] = parse_keyvalue(ctx.fs.read(f"proc/{pid}/ksm_stat")).get(
-                    "ksm_merging_pages", 0
-                )
-            except OSError:
+                per_vm[name] = read_process(ctx.fs, pid)["ksm_merging_pages"]
+            except ProcessGone:
                 per_vm[name] = None
         c = ctx.ksm.read_counters()
         total = sum(v for v in per_vm.values() if v)
