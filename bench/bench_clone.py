@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import libvirt  # noqa: E402
 
-from kvmksm.fleet import Fleet  # noqa: E402
-from kvmksm.image import build_image  # noqa: E402
-from kvmksm.libvirt_conn import open_connection, resolve_uri  # noqa: E402
-from kvmksm.scenario import VmsWorkload  # noqa: E402
-from kvmksm.volumes import ensure_pool  # noqa: E402
+from kvmksm.scenario.model import VmsWorkload  # noqa: E402
+from kvmksm.virt.clones import Fleet  # noqa: E402
+from kvmksm.virt.conn import open_connection, resolve_uri  # noqa: E402
+from kvmksm.virt.tiny_image import build_image  # noqa: E402
+from kvmksm.virt.volumes import ensure_pool  # noqa: E402
 
 BENCH_VOLUME = "bench-clone-base.qcow2"
 

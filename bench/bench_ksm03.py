@@ -15,8 +15,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kvmksm import scenario
-from kvmksm.runner import bench
+from kvmksm.commands.bench import bench
+from kvmksm.scenario import load as scenario
 
 
 def one(out: Path) -> dict[str, float]:

@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvmksm.analysis import analyse  # noqa: E402
-from kvmksm.record import load_record  # noqa: E402
-from kvmksm.report import render_report  # noqa: E402
+from kvmksm.analysis.metrics import analyse  # noqa: E402
+from kvmksm.results.record import load_record  # noqa: E402
+from kvmksm.views.report import render_report  # noqa: E402
 from tests.recordgen import VmRun, vm_record  # noqa: E402
 
 

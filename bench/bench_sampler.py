@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvmksm.hostfs import HostFS
-from kvmksm.record import RunRecord
-from kvmksm.sampler import Sampler
+from kvmksm.host.fs import HostFS
+from kvmksm.results.record import RunRecord
+from kvmksm.sampling.sampler import Sampler
 
 
 def tick_cost(n: int) -> list[float]:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kvmksm.hostfs import HostFS
-from kvmksm.record import RunRecord
-from kvmksm.sampler import Sampler
-from kvmksm.vmprobe import VmProbe
+from kvmksm.host.fs import HostFS
+from kvmksm.results.record import RunRecord
+from kvmksm.sampling.guest_rows import VmProbe
+from kvmksm.sampling.sampler import Sampler
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kvmksm import scenario
-from kvmksm.runner import bench
+from kvmksm.commands.bench import bench
+from kvmksm.scenario import load as scenario
 
 
 def one(path: Path, out: Path) -> dict[str, float]:

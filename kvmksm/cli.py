@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmksm import __version__
-from kvmksm.checks import describe
 from kvmksm.errors import UserError
+from kvmksm.scenario.checks import describe
 
 if TYPE_CHECKING:
-    from kvmksm.scenario import Scenario
+    from kvmksm.scenario.model import Scenario
 
 DEFAULT_OUTPUT = Path("reports")
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from kvmksm.runner import bench, load_scenario
+    from kvmksm.commands.bench import bench, load_scenario
 
     sc, path = load_scenario(args.scenario)
     connect = args.connect or os.environ.get("LIBVIRT_DEFAULT_URI")
@@ -177,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _write_report(run_dir: Path) -> None:
     try:
-        from kvmksm.report import write_report
+        from kvmksm.views.report import write_report
     except ImportError:
         return
     try:
@@ -187,13 +187,13 @@ def _write_report(run_dir: Path) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kvmksm import scenario
+    from kvmksm.scenario import load as scenario
 
     for arg in args.scenario:
         sc = scenario.load(scenario.resolve_path(arg))
         runs = ""
         if sc.repeats > 1 or sc.matrix:
-            from kvmksm.experiment import points
+            from kvmksm.commands.experiment import points
 
             n = len(points(sc))
             runs = f"; {n} point(s) x {sc.repeats} repeat(s) = {n * sc.repeats} runs"
@@ -202,7 +202,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from kvmksm.report import write_report
+    from kvmksm.views.report import write_report
 
     for d in args.run_dir:
         if (Path(d) / "experiment.json").exists():
@@ -215,9 +215,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from kvmksm import scenario
-    from kvmksm.doctor import diagnose
-    from kvmksm.hostfs import HostFS
+    from kvmksm.commands.doctor import diagnose
+    from kvmksm.host.fs import HostFS
+    from kvmksm.scenario import load as scenario
 
     sc = scenario.load(scenario.resolve_path(args.scenario)) if args.scenario else None
     findings = diagnose(HostFS(), sc, args.connect)
@@ -232,8 +232,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from kvmksm.hostfs import HostFS
-    from kvmksm.recover import clean
+    from kvmksm.commands.clean import clean
+    from kvmksm.host.fs import HostFS
 
     done, problems = clean(HostFS(), args.connect, dry_run=args.dry_run)
     verb = "would " if args.dry_run else ""
@@ -247,8 +247,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from kvmksm.image import build_image
-    from kvmksm.libvirt_conn import open_connection, resolve_uri
+    from kvmksm.virt.conn import open_connection, resolve_uri
+    from kvmksm.virt.tiny_image import build_image
 
     conn = open_connection(resolve_uri(args.connect))
     try:
@@ -260,7 +260,7 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from kvmksm.watch import watch
+    from kvmksm.commands.watch import watch
 
     if args.interval < 0.1:
         raise UserError("--interval: at least 0.1s")
@@ -321,7 +321,7 @@ def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
 def _bench_experiment(
     sc: Scenario, path: str, connect: str | None, args: argparse.Namespace, out: Console
 ) -> int:
-    from kvmksm.experiment import run_experiment, summary_table
+    from kvmksm.commands.experiment import run_experiment, summary_table
 
     result = run_experiment(sc, args.output, path, connect, reports=not args.no_report)
     out.print(summary_table(result.dir))
@@ -337,7 +337,7 @@ def _bench_experiment(
 def cmd_compare(args: argparse.Namespace) -> int:
     import json
 
-    from kvmksm import compare
+    from kvmksm.commands import compare
 
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha: expected a significance level between 0 and 1, got {args.alpha}")
@@ -357,7 +357,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from kvmksm import compare, plan
+    from kvmksm.commands import compare, plan
 
     plans = plan.plan(
         compare.collect(args.paths),

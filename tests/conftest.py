@@ -9,11 +9,11 @@ import libvirt
 import pytest
 
 from kvmksm.errors import UserError
-from kvmksm.hostfs import HostFS
-from kvmksm.image import TinyImage, build_image
-from kvmksm.ksm import Ksm
-from kvmksm.libvirt_conn import open_connection
-from kvmksm.paths import DEFAULT_DATA_DIR
+from kvmksm.host.fs import HostFS
+from kvmksm.host.ksm import Ksm
+from kvmksm.host.paths import DEFAULT_DATA_DIR
+from kvmksm.virt.conn import open_connection
+from kvmksm.virt.tiny_image import TinyImage, build_image
 
 from .fakehost import make_tree
 

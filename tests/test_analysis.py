@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvmksm.analysis import (
+from kvmksm.analysis.metrics import (
     analyse,
     compute_metrics,
     crossing_time,
     ksmd_cpu_seconds,
     windows,
 )
-from kvmksm.record import load_record
+from kvmksm.results.record import load_record
 
 from .recordgen import MIB, PAGE, VmRun, ltp_record, vm_record
 

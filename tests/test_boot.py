@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmksm.boot import BootError, Pending, console_tail, wait_up
-from kvmksm.scenario import BootWait
+from kvmksm.scenario.model import BootWait
+from kvmksm.virt.boot import BootError, Pending, console_tail, wait_up
 
 
 class FakeDom:

@@ -15,11 +15,11 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
-from kvmksm import compare
+from kvmksm.analysis.outcome import aligned_curve, outcome, savings_at_last_fill
+from kvmksm.analysis.pareto import pareto_front
+from kvmksm.commands import compare
 from kvmksm.errors import UserError
-from kvmksm.outcome import aligned_curve, outcome, savings_at_last_fill
-from kvmksm.pareto import pareto_front
-from kvmksm.record import load_record
+from kvmksm.results.record import load_record
 
 from .recordgen import MIB, PAGE, ltp_record, vm_record
 

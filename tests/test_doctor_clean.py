@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from kvmksm.cgroup import MemoryCgroup
-from kvmksm.doctor import diagnose
-from kvmksm.hostfs import HostFS
-from kvmksm.hoststate import ActiveRun, HostLock
-from kvmksm.ksm import Ksm
-from kvmksm.recover import clean
+from kvmksm.commands.clean import clean
+from kvmksm.commands.doctor import diagnose
+from kvmksm.host.cgroup import MemoryCgroup
+from kvmksm.host.fs import HostFS
+from kvmksm.host.ksm import Ksm
+from kvmksm.host.state import ActiveRun, HostLock
 
 from .fakehost import knob_values
 
@@ -108,7 +108,7 @@ def test_cgroup_v2_chosen_when_v1_memory_absent(
             for f in ("memory.max", "cgroup.procs"):
                 Path(path, f).write_text("")
 
-    monkeypatch.setattr("kvmksm.cgroup.os.mkdir", cgroupfs_mkdir)
+    monkeypatch.setattr("kvmksm.host.cgroup.os.mkdir", cgroupfs_mkdir)
     base = fake_root / "sys/fs/cgroup"
     base.mkdir(parents=True, exist_ok=True)
     (base / "cgroup.controllers").write_text("cpu io memory pids\n")

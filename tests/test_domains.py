@@ -12,9 +12,13 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from kvmksm import paths
-from kvmksm.cleanup import find_leftovers, remove_clone, remove_leftovers
-from kvmksm.domains import (
+from kvmksm.errors import UserError
+from kvmksm.host import paths
+from kvmksm.scenario.model import BaseDomain, BaseImage, VmsWorkload
+from kvmksm.virt.cleanup import find_leftovers, remove_clone, remove_leftovers
+from kvmksm.virt.clones import Fleet
+from kvmksm.virt.conn import open_connection, resolve_uri
+from kvmksm.virt.domains import (
     CloneDisk,
     ClonePlan,
     clone_xml,
@@ -23,10 +27,6 @@ from kvmksm.domains import (
     parse_tag,
     read_tag,
 )
-from kvmksm.errors import UserError
-from kvmksm.fleet import Fleet
-from kvmksm.libvirt_conn import open_connection, resolve_uri
-from kvmksm.scenario import BaseDomain, BaseImage, VmsWorkload
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NODE = FIXTURES / "testnode.xml"

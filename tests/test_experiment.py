@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmksm import compare, scenario
-from kvmksm.errors import UserError, WorkloadFailed
-from kvmksm.experiment import (
+from kvmksm.analysis.outcome import outcome
+from kvmksm.commands import compare
+from kvmksm.commands.experiment import (
     INDEX,
     expand,
     load_index,
@@ -24,10 +24,11 @@ from kvmksm.experiment import (
     points,
     run_experiment,
 )
-from kvmksm.hostfs import HostFS
-from kvmksm.ksm import Ksm, ksm_processes
-from kvmksm.outcome import outcome
-from kvmksm.scenario import Scenario
+from kvmksm.errors import UserError, WorkloadFailed
+from kvmksm.host.fs import HostFS
+from kvmksm.host.ksm import Ksm, ksm_processes
+from kvmksm.scenario import load as scenario
+from kvmksm.scenario.model import Scenario
 from kvmksm.workloads.base import RunContext, Workload
 
 from .conftest import REAL_KSM_LOCK

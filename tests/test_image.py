@@ -12,10 +12,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from kvmksm.domains import read_tag
 from kvmksm.errors import UserError
-from kvmksm.image import INIT, build_image, find_kernel, is_static_elf, make_rootfs
-from kvmksm.libvirt_conn import open_connection
+from kvmksm.virt.conn import open_connection
+from kvmksm.virt.domains import read_tag
+from kvmksm.virt.tiny_image import INIT, build_image, find_kernel, is_static_elf, make_rootfs
 
 BUSYBOX = Path("/bin/busybox")
 NODE = Path(__file__).parent / "fixtures" / "testnode.xml"

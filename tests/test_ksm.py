@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from kvmksm.errors import UserError
-from kvmksm.hostfs import HostFS, parse_keyvalue, parse_meminfo, parse_stat_cpu_ticks
-from kvmksm.ksm import Ksm, ordered, parse_value
+from kvmksm.host.fs import HostFS, parse_keyvalue, parse_meminfo, parse_stat_cpu_ticks
+from kvmksm.host.ksm import Ksm, ordered, parse_value
 
 from .fakehost import make_tree, set_counter
 

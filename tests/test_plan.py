@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kvmksm import compare, plan
+from kvmksm.commands import compare, plan
+from kvmksm.commands.experiment import load_runs
 from kvmksm.errors import UserError
-from kvmksm.experiment import load_runs
-from kvmksm.ksm import Ksm
+from kvmksm.host.ksm import Ksm
 
 from .recordgen import MIB, vm_record
 from .test_experiment import run_alone

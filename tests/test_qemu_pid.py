@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmksm.hostfs import HostFS
-from kvmksm.qemu_pid import PidNotFound, find_qemu_pid, names_guest
+from kvmksm.host.fs import HostFS
+from kvmksm.host.qemu import PidNotFound, find_qemu_pid, names_guest
 
 
 def qemu_argv(name: str) -> bytes:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvmksm.ksm import Ksm
-from kvmksm.scenario import SCENARIO_DIR
+from kvmksm.host.ksm import Ksm
+from kvmksm.scenario.load import SCENARIO_DIR
 
 from .test_runner import _wait_for_event
 

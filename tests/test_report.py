@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import pytest
 
-from kvmksm.charts import MAX_POINTS, reduce_mean, reduce_minmax
-from kvmksm.report import fmt_duration, fmt_expected, fmt_num, write_report
+from kvmksm.views.charts import MAX_POINTS, reduce_mean, reduce_minmax
+from kvmksm.views.report import fmt_duration, fmt_expected, fmt_num, write_report
 
 from .recordgen import VmRun, ltp_record, vm_record
 

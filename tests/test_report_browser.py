@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from kvmksm.report import write_report
+from kvmksm.views.report import write_report
 
 from .browser import CHROMIUM, visit
 from .recordgen import ltp_record, vm_record

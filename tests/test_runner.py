@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmksm import scenario
+from kvmksm.commands.bench import bench
 from kvmksm.errors import LockedError, WorkloadFailed
-from kvmksm.hostfs import HostFS
-from kvmksm.hoststate import ActiveRun, HostLock
-from kvmksm.runner import bench
+from kvmksm.host.fs import HostFS
+from kvmksm.host.state import ActiveRun, HostLock
+from kvmksm.scenario import load as scenario
 from kvmksm.workloads.base import RunContext, Workload
 
 from .fakehost import knob_values, set_counter

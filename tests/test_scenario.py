@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmksm import scenario
 from kvmksm.errors import UserError
+from kvmksm.scenario import load as scenario
 
 from .fakehost import knob_values
 

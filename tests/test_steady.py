@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from kvmksm.scenario import Steady
-from kvmksm.steady import SteadyDetector
+from kvmksm.analysis.steady import SteadyDetector
+from kvmksm.scenario.model import Steady
 
 
 def feed(det: SteadyDetector, readings: list[tuple[float, int, int]]) -> float | None:

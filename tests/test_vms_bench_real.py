@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from kvmksm.cleanup import find_leftovers
-from kvmksm.hoststate import ActiveRun
-from kvmksm.image import TinyImage
-from kvmksm.ksm import Ksm
+from kvmksm.host.ksm import Ksm
+from kvmksm.host.state import ActiveRun
+from kvmksm.virt.cleanup import find_leftovers
+from kvmksm.virt.tiny_image import TinyImage
 
 from .test_runner import _wait_for_event
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from kvmksm.boot import BootError
-from kvmksm.cleanup import find_leftovers
-from kvmksm.fleet import Fleet
-from kvmksm.image import CMDLINE, TinyImage
-from kvmksm.qemu_pid import names_guest
-from kvmksm.scenario import VmsWorkload
+from kvmksm.host.qemu import names_guest
+from kvmksm.scenario.model import VmsWorkload
+from kvmksm.virt.boot import BootError
+from kvmksm.virt.cleanup import find_leftovers
+from kvmksm.virt.clones import Fleet
+from kvmksm.virt.tiny_image import CMDLINE, TinyImage
 
 pytestmark = pytest.mark.libvirt
 URI = "qemu:///system"

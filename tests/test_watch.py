@@ -21,12 +21,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from kvmksm import libvirt_conn
-from kvmksm.hostfs import KSM_DIR, HostFS
-from kvmksm.hoststate import HostLock
-from kvmksm.ksm import parse_value
-from kvmksm.vmprobe import VM_COLUMNS, VmProbe, read_process
-from kvmksm.watch import (
+from kvmksm.commands.watch import (
     GuestInfo,
     LibvirtGuests,
     bench_holder,
@@ -35,6 +30,11 @@ from kvmksm.watch import (
     render,
     watch,
 )
+from kvmksm.host.fs import KSM_DIR, HostFS
+from kvmksm.host.ksm import parse_value
+from kvmksm.host.state import HostLock
+from kvmksm.sampling.guest_rows import VM_COLUMNS, VmProbe, read_process
+from kvmksm.virt import conn as libvirt_conn
 
 from .fakehost import KNOBS, knob_values, set_counter
 
@@ -317,8 +317,8 @@ def test_knob_changes_made_by_others_become_events(fake_root: Path, tmp_path: Pa
     assert [(e["knob"], e["before"], e["after"]) for e in changed] == [("pages_to_scan", 100, 1000)]
     assert "not by kvmksm" in kinds(meta, "knobs_changed")[0]["detail"]
     # The report's merge window starts when KSM was seen going on.
-    from kvmksm.analysis import windows
-    from kvmksm.record import load_record
+    from kvmksm.analysis.metrics import windows
+    from kvmksm.results.record import load_record
 
     assert windows(load_record(res.record_dir)).t_on == on[0]["t"]
 

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from kvmksm.fleet import Fleet
-from kvmksm.hostfs import KSM_DIR, HostFS
-from kvmksm.image import TinyImage
-from kvmksm.ksm import Ksm
-from kvmksm.scenario import VmsWorkload
-from kvmksm.watch import watch
+from kvmksm.commands.watch import watch
+from kvmksm.host.fs import KSM_DIR, HostFS
+from kvmksm.host.ksm import Ksm
+from kvmksm.scenario.model import VmsWorkload
+from kvmksm.virt.clones import Fleet
+from kvmksm.virt.tiny_image import TinyImage
 
 from .test_watch import WriteGuard, assert_no_gaps, kinds, meta_of
 

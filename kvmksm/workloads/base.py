@@ -9,14 +9,14 @@ from typing import Any
 
 from rich.console import Console
 
-from kvmksm import checks
 from kvmksm.errors import UserError
-from kvmksm.hostfs import KSM_DIR, HostFS
-from kvmksm.hoststate import ActiveRun
-from kvmksm.ksm import Ksm
-from kvmksm.record import RunRecord
-from kvmksm.sampler import Probe
-from kvmksm.scenario import Range, Scenario
+from kvmksm.host.fs import KSM_DIR, HostFS
+from kvmksm.host.ksm import Ksm
+from kvmksm.host.state import ActiveRun
+from kvmksm.results.record import RunRecord
+from kvmksm.sampling.sampler import Probe
+from kvmksm.scenario import checks
+from kvmksm.scenario.model import Range, Scenario
 from kvmksm.units import format_size
 
 

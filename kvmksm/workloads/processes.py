@@ -10,11 +10,11 @@ import sys
 import time
 from typing import Any
 
-from kvmksm.cgroup import MemoryCgroup
 from kvmksm.errors import WorkloadFailed
-from kvmksm.hostfs import HostFS
-from kvmksm.ksm import Ksm
-from kvmksm.scenario import FillStep, ProcessesWorkload, StopStep, UnmergeStep
+from kvmksm.host.cgroup import MemoryCgroup
+from kvmksm.host.fs import HostFS
+from kvmksm.host.ksm import Ksm
+from kvmksm.scenario.model import FillStep, ProcessesWorkload, StopStep, UnmergeStep
 from kvmksm.units import format_size
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 

@@ -7,12 +7,12 @@ import os
 import time
 from typing import Any
 
+from kvmksm.analysis.steady import SteadyDetector
 from kvmksm.errors import UserError
-from kvmksm.hostfs import HostFS
-from kvmksm.ksm import Ksm
-from kvmksm.sampler import Probe
-from kvmksm.scenario import VmsWorkload
-from kvmksm.steady import SteadyDetector
+from kvmksm.host.fs import HostFS
+from kvmksm.host.ksm import Ksm
+from kvmksm.sampling.sampler import Probe
+from kvmksm.scenario.model import VmsWorkload
 from kvmksm.units import format_size
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
@@ -50,8 +50,8 @@ class VmsRun(Workload):
 
     # -- before anything is created -------------------------------------------------------
     def preflight(self, fs: HostFS, ksm: Ksm) -> None:
-        from kvmksm.fleet import Fleet
-        from kvmksm.libvirt_conn import open_connection, resolve_uri
+        from kvmksm.virt.clones import Fleet
+        from kvmksm.virt.conn import open_connection, resolve_uri
 
         self.fs = fs
         require_counters(fs, ksm, self.spec.expect, "workload.expect")
@@ -84,15 +84,15 @@ class VmsRun(Workload):
         require_fits(fs, self.spec.clones, self.spec.memory or _memory_of(base.xml), "clones")
 
     def probes(self) -> list[Probe]:
-        from kvmksm.vmprobe import VmProbe
+        from kvmksm.sampling.guest_rows import VmProbe
 
         assert self.fs is not None
         return [VmProbe(self.fs, lambda: dict(self.pids))]
 
     # -- the timeline ---------------------------------------------------------------------
     def run(self, ctx: RunContext) -> None:
-        from kvmksm.fleet import Fleet
-        from kvmksm.libvirt_conn import versions
+        from kvmksm.virt.clones import Fleet
+        from kvmksm.virt.conn import versions
 
         spec = self.spec
         ctx.record.data["host"].update(versions(self.conn))
@@ -187,7 +187,7 @@ class VmsRun(Workload):
         Each KSM page mapped k times counts 1 in pages_shared, k-1 in pages_sharing and k
         in the merging pages of the processes mapping it, so with only our guests merging
         the two must match, up to what changed between the reads."""
-        from kvmksm.vmprobe import ProcessGone, read_process
+        from kvmksm.sampling.guest_rows import ProcessGone, read_process
 
         per_vm: dict[str, int | None] = {}
         for name, pid in self.pids.items():

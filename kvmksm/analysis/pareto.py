@@ -1,0 +1,132 @@
+"""Cost against benefit for a knob sweep: memory saved against the ksmd CPU spent to get it.
+
+A configuration is on the Pareto front when no other one saves at least as much for at most
+as much CPU (and is better in one of the two). Off the front, some other setting of the knobs
+does as well for less or better for the same: the front is where to pick tunables from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvmksm.commands.compare import Group
+
+COST = "ksmd_cpu_to_plateau_s"
+BENEFIT = "plateau_saved_mib"
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (cost, benefit) points, which are not dominated (lower cost and higher benefit win)."""
+    flags = []
+    for i, (c, b) in enumerate(points):
+        dominated = any(
+            c2 <= c and b2 >= b and (c2 < c or b2 > b)
+            for j, (c2, b2) in enumerate(points)
+            if j != i
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def cost_benefit(groups: Sequence[Group]) -> dict[str, Any] | None:
+    """Each group's mean cost and benefit, the front marked among groups that ran the same
+    workload on the same kernel and host (only their knobs differ); None when no such set
+    has two groups with both figures."""
+    from kvmksm.commands.compare import SOFT, mean_sd, short_name, show
+
+    def same_but_knobs(g: Group) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            sorted(
+                (k, v) for k, v in g.config.items() if not k.startswith("knobs.") and k not in SOFT
+            )
+        )
+
+    sets: dict[Any, list[dict[str, Any]]] = {}
+    for g in groups:
+        x, x_sd = mean_sd(g.values(COST))
+        y, y_sd = mean_sd(g.values(BENEFIT))
+        if x is None or y is None:
+            continue
+        row = {"group": g.id, "label": g.label, "x": x, "x_sd": x_sd, "y": y, "y_sd": y_sd}
+        row["mib_per_cpu_s"] = y / x if x else None
+        sets.setdefault(same_but_knobs(g), []).append(row)
+    sets = {k: rows for k, rows in sets.items() if len(rows) >= 2}
+    if not sets:
+        return None
+    varying = [
+        name for name in dict(next(iter(sets))).keys() if len({dict(k).get(name) for k in sets}) > 1
+    ]
+    points = []
+    for i, (key, rows) in enumerate(sets.items()):
+        fields = dict(key)
+        label = ", ".join(f"{short_name(n)}={show(n, str(fields.get(n)))}" for n in varying[:3])
+        for row, front in zip(rows, pareto_front([(r["x"], r["y"]) for r in rows]), strict=True):
+            points.append(row | {"front": front, "set": i, "set_label": label or "all"})
+    return {
+        "x": COST,
+        "x_label": "ksmd CPU seconds from KSM on to the savings",
+        "y": BENEFIT,
+        "y_label": "memory saved (MiB)",
+        "sets": len(sets),
+        "points": points,
+    }
+
+
+def pareto_chart(data: dict[str, Any]) -> str:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    from kvmksm.views import charts, plots
+
+    pts = data["points"]
+
+    def build() -> Figure:
+        fig = Figure(figsize=(charts.WIDTH * 0.75, 5.0), layout="constrained")
+        ax = fig.subplots()
+        for k in sorted({p["set"] for p in pts}):
+            mine = [p for p in pts if p["set"] == k]
+            colour = plots.colour(k)
+            front = sorted((p for p in mine if p["front"]), key=lambda p: p["x"])
+            name = mine[0]["set_label"]
+            ax.plot(
+                [p["x"] for p in front],
+                [p["y"] for p in front],
+                color=colour,
+                lw=1.4,
+                ls="--",
+                zorder=2,
+                label=f"Pareto front ({name})" if data["sets"] > 1 else "Pareto front",
+            )
+            for p in mine:
+                ax.errorbar(
+                    p["x"],
+                    p["y"],
+                    xerr=p["x_sd"] or 0,
+                    yerr=p["y_sd"] or 0,
+                    fmt="o",
+                    ms=8,
+                    color=colour,
+                    mfc=colour if p["front"] else "white",
+                    mew=1.6,
+                    capsize=3,
+                    zorder=3,
+                )
+                ax.annotate(
+                    p["group"],  # the table below says what each letter is
+                    (p["x"], p["y"]),
+                    xytext=(6, 6),
+                    textcoords="offset points",
+                    fontsize=8,
+                )
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(data["x_label"] + " (lower is better)")
+        ax.set_ylabel(data["y_label"] + " (higher is better)")
+        ax.yaxis.set_major_formatter(FuncFormatter(plots.thousands))
+        ax.set_title("Cost against benefit: filled points are on the Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
+        return fig
+
+    return plots.render("pareto", "Memory saved against ksmd CPU", build)

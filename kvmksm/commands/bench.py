@@ -1,0 +1,223 @@
+"""One bench run: validate, lock, save knobs, run the workload under the sampler, and undo
+everything on every exit path (normal end, failed check, exception, Ctrl-C, SIGTERM)."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from kvmksm.errors import Interrupted, WorkloadFailed
+from kvmksm.host.facts import host_facts
+from kvmksm.host.fs import HostFS
+from kvmksm.host.ksm import Ksm, ksm_processes
+from kvmksm.host.state import ActiveRun, HostLock
+from kvmksm.results.record import RunRecord
+from kvmksm.sampling.sampler import Sampler
+from kvmksm.scenario import load as scenario_mod
+from kvmksm.scenario.model import ProcessesWorkload, Scenario
+from kvmksm.signals import signals_ignored, signals_raise
+from kvmksm.workloads.base import RunContext, Workload
+
+
+@dataclass
+class BenchResult:
+    status: str  # passed | failed | error | interrupted
+    record_dir: Path
+    checks: list[dict[str, Any]]
+    error: str | None
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.status)
+
+
+def exit_code(status: str) -> int:
+    """0 when every check passed, 130 when interrupted, 1 otherwise (2 is for bad input)."""
+    return {"passed": 0, "interrupted": 130}.get(status, 1)
+
+
+def make_workload(sc: Scenario, connect: str | None = None) -> Workload:
+    if isinstance(sc.workload, ProcessesWorkload):
+        from kvmksm.workloads.processes import ProcessesRun
+
+        return ProcessesRun(sc.workload)
+    from kvmksm.workloads.vms import VmsRun  # libvirt is only needed for VM scenarios
+
+    return VmsRun(sc.workload, connect=connect)
+
+
+def bench(
+    sc: Scenario,
+    output: Path,
+    scenario_file: str | None = None,
+    connect: str | None = None,
+    fs: HostFS | None = None,
+    console: Console | None = None,
+    workload: Workload | None = None,
+) -> BenchResult:
+    fs = fs or HostFS()
+    console = console or Console(stderr=True)
+    ksm = Ksm(fs)
+    # Everything below until the lock only reads the host.
+    ksm.require_writable()
+    ksm.check_knobs(sc.knobs, where=f"{scenario_file or sc.name}: knobs: ")
+    workload = workload or make_workload(sc, connect)
+    workload.preflight(fs, ksm)  # raises UserError; reads the host, changes nothing
+    lock = HostLock()
+    lock.acquire(f"scenario {sc.name}")
+    try:
+        return _run_locked(sc, output, scenario_file, fs, ksm, console, workload)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    sc: Scenario,
+    output: Path,
+    scenario_file: str | None,
+    fs: HostFS,
+    ksm: Ksm,
+    console: Console,
+    workload: Workload,
+) -> BenchResult:
+    record = RunRecord.create(output, sc.model_dump(mode="json"), scenario_file)
+    active = ActiveRun()
+    ctx = RunContext(fs=fs, ksm=ksm, record=record, active=active, scenario=sc, console=console)
+    saved = ksm.read_knobs()
+    active.start(record.dir, saved)
+    record.update(host=host_facts(fs), knobs_before=saved, counters_before=ksm.read_counters())
+    status, error = "error", None
+    sampler: Sampler | None = None
+    with signals_raise():
+        try:
+            record.event("run_start", f"scenario {sc.name}")
+            _note_other_users(ctx)
+            if ksm.read("run") != 0:
+                ksm.write("run", 0)  # the workload decides when ksmd runs
+            record.event("ksm_off", "run=0")
+            ksm.set_knobs(sc.knobs)
+            record.update(knobs_during=ksm.read_knobs())
+            record.event("knobs_set", ", ".join(f"{k}={v}" for k, v in sc.knobs.items()))
+            sampler = Sampler(fs, record, sc.sample_interval, workload.probes())
+            sampler.start()
+            workload.run(ctx)
+            status = "passed" if ctx.failed_checks == 0 else "failed"
+        except (KeyboardInterrupt, Interrupted) as e:
+            status = "interrupted"
+            error = "interrupted by SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
+            record.event("interrupted", error)
+        except WorkloadFailed as e:
+            status, error = "failed", str(e)
+            record.event("error", error)
+        except Exception as e:
+            status, error = "error", f"{type(e).__name__}: {e}"
+            record.event("error", error, traceback=traceback.format_exc())
+        finally:
+            # Teardown must finish even if the user presses Ctrl-C again.
+            with signals_ignored():
+                problems = _teardown(ctx, workload, sampler, saved)
+                if problems:
+                    record.event("teardown_problems", "; ".join(problems))
+                    if status == "passed":
+                        status, error = "error", "teardown: " + "; ".join(problems)
+                record.event("run_end", status)
+                record.finish(status, error)
+                active.finish()
+                _store_metrics(record)
+    return BenchResult(status, record.dir, record.data["checks"], error)
+
+
+def _store_metrics(record: RunRecord) -> None:
+    """Derived metrics go into run.json too; they are a pure function of the record, so a
+    failure here loses nothing (the report recomputes them)."""
+    try:
+        from kvmksm.analysis.metrics import compute_metrics
+        from kvmksm.results.record import load_record
+
+        record.update(metrics=compute_metrics(load_record(record.dir)))
+    except Exception as e:
+        record.event("metrics_error", f"{type(e).__name__}: {e}")
+
+
+def _note_other_users(ctx: RunContext) -> None:
+    """Other processes' mergeable memory mixes into the host-wide counters: say so."""
+    others = ksm_processes(ctx.fs)
+    if not others:
+        return
+    names = ", ".join(f"{o['comm']} (pid {o['pid']})" for o in others[:5])
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    msg = (
+        f"other processes have memory registered with KSM: {names}{more}; the host-wide "
+        "counters include their pages, so exact expectations may not hold"
+    )
+    ctx.record.event("other_ksm_users", msg, processes=others)
+    ctx.console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
+
+
+def _teardown(
+    ctx: RunContext, workload: Workload, sampler: Sampler | None, saved: dict[str, Any]
+) -> list[str]:
+    problems: list[str] = []
+    if sampler is not None:
+        sampler.stop()
+        if sampler.errors:
+            ctx.record.event("sampler_errors", "; ".join(sampler.errors[:5]))
+    ctx.record.event("teardown", "undoing what the run created")
+    try:
+        problems += workload.teardown(ctx)
+    except Exception as e:  # teardown must go on to restore the knobs
+        problems.append(f"workload teardown: {e}")
+    try:
+        drain(ctx)
+    except Exception as e:  # the knobs must still be restored
+        ctx.record.event("drain_failed", str(e))
+    problems += ctx.ksm.restore(saved)
+    after = ctx.ksm.read_knobs()
+    ctx.record.update(knobs_after=after)
+    diff = {k: (v, after.get(k)) for k, v in saved.items() if after.get(k) != v}
+    if diff:
+        problems.append(f"knobs not restored: {diff}")
+    else:
+        ctx.record.event("knobs_restored", f"{len(saved)} knobs as before")
+    return problems
+
+
+DRAIN_TIMEOUT = 10.0  # seconds teardown waits for ksmd to drop an exited workload's pages
+
+
+def drain(ctx: RunContext, timeout: float = DRAIN_TIMEOUT, poll: float = 0.02) -> None:
+    """With ksmd still on, wait until pages_shared + pages_sharing are back to what they were
+    before the run, or ksmd finished two more full scans (what is left then belongs to other
+    KSM users). The merged pages of processes or guests that just exited stay in the counters
+    until ksmd's scan reaches them: with ksmd switched off by the knob restore they would
+    linger into the next run and inflate its first samples."""
+    ksm = ctx.ksm
+    if ksm.read("run") != 1:
+        return
+    before = ctx.record.data.get("counters_before") or {}
+    base = int(before.get("pages_shared", 0)) + int(before.get("pages_sharing", 0))
+    t0, scans0 = time.monotonic(), int(ksm.read("full_scans"))
+    while True:
+        c = ksm.read_counters()
+        merged = c.get("pages_shared", 0) + c.get("pages_sharing", 0)
+        waited = round(time.monotonic() - t0, 3)
+        if merged <= base or c.get("full_scans", 0) >= scans0 + 2:
+            why = "as before the run" if merged <= base else "after 2 full scans"
+            ctx.record.event("drained", f"{merged} merged pages, {why}", seconds=waited)
+            return
+        if waited > timeout:
+            ctx.record.event(
+                "drain_timeout", f"{merged} merged pages left after {timeout:g}s", seconds=waited
+            )
+            return
+        time.sleep(poll)
+
+
+def load_scenario(arg: str | None) -> tuple[Scenario, str]:
+    path = scenario_mod.resolve_path(arg)
+    return scenario_mod.load(path), str(path)

@@ -1,0 +1,211 @@
+"""The sampler: one row of every KSM counter, ksmd's CPU and host memory per tick.
+
+Ticks follow a deadline schedule (start + k * interval), so the series does not drift;
+a tick that is missed (the machine stalled) is skipped, not squeezed in late. Files are
+opened once and re-read with pread(), which regenerates sysfs/procfs content at offset 0.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from kvmksm.host.fs import KSM_DIR, HostFS, parse_keyvalue, parse_meminfo, parse_stat_cpu_ticks
+from kvmksm.host.ksm import Ksm, parse_value
+from kvmksm.results.record import RunRecord, utc_now
+
+MEMINFO_FIELDS = (
+    "MemTotal",
+    "MemFree",
+    "MemAvailable",
+    "Cached",
+    "AnonPages",
+    "AnonHugePages",
+    "Shmem",
+)
+VMSTAT_FIELDS = ("cow_ksm", "ksm_swpin_copy")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Probe(Protocol):
+    """An extra per-tick source with a CSV of its own (e.g. per-VM ksm_stat)."""
+
+    filename: str
+    columns: list[str]
+
+    def rows(self, t: float) -> list[dict[str, Any]]: ...
+
+
+class HostSource:
+    """Reads the host-wide row: KSM files, ksmd CPU, meminfo, vmstat."""
+
+    def __init__(self, fs: HostFS) -> None:
+        self.fs = fs
+        self._ksm_fds: dict[str, int] = {}
+        for name in Ksm(fs).files():
+            fd = fs.open_fd(f"{KSM_DIR}/{name}")
+            # Only numeric files become columns (advisor_mode is a choice, not a number).
+            if isinstance(parse_value(_pread(fd)), int):
+                self._ksm_fds[name] = fd
+            else:
+                os.close(fd)
+        self._meminfo = _open_or_none(fs, "proc/meminfo")
+        self._vmstat = _open_or_none(fs, "proc/vmstat")
+        self.vmstat_fields = [
+            f
+            for f in VMSTAT_FIELDS
+            if self._vmstat is not None and f in parse_keyvalue(_pread(self._vmstat, 16384))
+        ]
+        self.ksmd_pid = fs.pid_of("ksmd")
+        self._ksmd_stat = _open_or_none(fs, f"proc/{self.ksmd_pid}/stat") if self.ksmd_pid else None
+        self._last_cpu: tuple[float, int] | None = None
+        self.columns = [
+            "t",
+            "time",
+            *self._ksm_fds,
+            "ksmd_cpu",
+            *MEMINFO_FIELDS,
+            *self.vmstat_fields,
+        ]
+
+    @property
+    def ksm_columns(self) -> list[str]:
+        return list(self._ksm_fds)
+
+    def read(self, t: float) -> dict[str, Any]:
+        row: dict[str, Any] = {"t": round(t, 3), "time": utc_now()}
+        for name, fd in self._ksm_fds.items():
+            row[name] = int(_pread(fd))
+        row["ksmd_cpu"] = self._ksmd_cpu(t)
+        if self._meminfo is not None:
+            mem = parse_meminfo(_pread(self._meminfo, 8192))
+            for f in MEMINFO_FIELDS:
+                row[f] = mem.get(f)
+        if self.vmstat_fields and self._vmstat is not None:
+            vm = parse_keyvalue(_pread(self._vmstat, 16384))
+            for f in self.vmstat_fields:
+                row[f] = vm.get(f)
+        return row
+
+    def _ksmd_cpu(self, t: float) -> float | None:
+        """Percent of one CPU ksmd used since the previous read (utime+stime from stat)."""
+        if self._ksmd_stat is None:
+            return None
+        try:
+            ticks = parse_stat_cpu_ticks(_pread(self._ksmd_stat))
+        except (OSError, ValueError):
+            return None
+        last, self._last_cpu = self._last_cpu, (t, ticks)
+        if last is None or t <= last[0]:
+            return None
+        return round(100.0 * (ticks - last[1]) / CLK_TCK / (t - last[0]), 2)
+
+    def ksmd_cpu_seconds(self) -> float | None:
+        if self._ksmd_stat is None:
+            return None
+        return parse_stat_cpu_ticks(_pread(self._ksmd_stat)) / CLK_TCK
+
+    def close(self) -> None:
+        for fd in [*self._ksm_fds.values(), self._meminfo, self._vmstat, self._ksmd_stat]:
+            if fd is not None:
+                os.close(fd)
+        self._ksm_fds.clear()
+        self._meminfo = self._vmstat = self._ksmd_stat = None
+
+
+class Sampler:
+    """Runs HostSource (and probes) every `interval` seconds in a thread, appending to the
+    record's CSV files as it goes."""
+
+    def __init__(
+        self, fs: HostFS, record: RunRecord, interval: float = 1.0, probes: Sequence[Probe] = ()
+    ) -> None:
+        self.fs = fs
+        self.record = record
+        self.interval = interval
+        self.source = HostSource(fs)
+        self.out = record.csv("samples.csv", self.source.columns)
+        self.probes = list(probes)
+        self.probe_out = [record.csv(p.filename, p.columns) for p in self.probes]
+        self.lateness: list[float] = []  # seconds each tick ran after its deadline
+        self.missed = 0
+        self.realtime = False
+        self.errors: list[str] = []
+        self.last: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> dict[str, Any]:
+        t = self.record.now()
+        row = self.source.read(t)
+        self.out.write(row)
+        for probe, out in zip(self.probes, self.probe_out, strict=True):
+            try:
+                out.write_many(probe.rows(t))
+            except Exception as e:  # a guest vanishing must not stop host sampling
+                self.errors.append(f"{probe.filename}: {e}")
+        self.last = row
+        return row
+
+    def _loop(self) -> None:
+        self.realtime = _realtime_thread()
+        start = time.monotonic()
+        k = 0
+        while not self._stop.is_set():
+            deadline = start + k * self.interval
+            delay = deadline - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                break
+            self.lateness.append(time.monotonic() - deadline)
+            try:
+                self.tick()
+            except Exception as e:
+                self.errors.append(str(e))
+            # Next deadline still ahead of us; count the ones a stall skipped.
+            nxt = int((time.monotonic() - start) / self.interval) + 1
+            self.missed += max(0, nxt - k - 1)
+            k = nxt
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kvmksm-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self, final_tick: bool = True) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            if final_tick:
+                try:
+                    self.tick()  # the state at the very end, e.g. after unmerge
+                except Exception as e:
+                    self.errors.append(str(e))
+        self.out.close()
+        for out in self.probe_out:
+            out.close()
+        self.source.close()
+
+
+def _realtime_thread() -> bool:
+    """Give this thread the lowest real-time priority (as cyclictest does), so a busy host
+    (TCG guests on every core) delays a tick by microseconds, not a time slice. A tick is
+    ~0.2 ms a second, so it cannot starve anything. Without the privilege: normal policy."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _pread(fd: int, n: int = 4096) -> str:
+    return os.pread(fd, n, 0).decode()
+
+
+def _open_or_none(fs: HostFS, rel: str) -> int | None:
+    try:
+        return fs.open_fd(rel)
+    except OSError:
+        return None
