@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import libvirt  # noqa: E402
 
 from kvmksm.scenario.model import VmsWorkload  # noqa: E402
-from kvmksm.virt.clones import Fleet  # noqa: E402
+from kvmksm.virt.clones import Clones  # noqa: E402
 from kvmksm.virt.conn import open_connection, resolve_uri  # noqa: E402
 from kvmksm.virt.tiny_image import build_image  # noqa: E402
 from kvmksm.virt.volumes import ensure_pool  # noqa: E402
@@ -29,19 +29,19 @@ from kvmksm.virt.volumes import ensure_pool  # noqa: E402
 BENCH_VOLUME = "bench-clone-base.qcow2"
 
 
-def time_fleet(
+def time_clones(
     conn: libvirt.virConnect, base: dict[str, object], mode: str, n: int
 ) -> dict[str, float]:
     spec = VmsWorkload.model_validate(
         {"type": "vms", "domain_type": "qemu", "base": base, "clones": n, "disk": mode}
     )
-    fleet = Fleet(conn, spec)
-    fleet.check()  # reading the base is a one-off, not per clone
+    clones = Clones(conn, spec)
+    clones.check()  # reading the base is a one-off, not per clone
     t0 = time.perf_counter()
-    fleet.create()
+    clones.create()
     created = time.perf_counter() - t0
     t1 = time.perf_counter()
-    problems = fleet.teardown()
+    problems = clones.teardown()
     removed = time.perf_counter() - t1
     if problems:
         raise SystemExit("teardown problems: " + "; ".join(problems))
@@ -61,13 +61,13 @@ def time_boot(conn: libvirt.virConnect, n: int, domain_type: str) -> dict[str, f
             "boot": {"timeout": "10m"},
         }
     )
-    fleet = Fleet(conn, spec)
+    clones = Clones(conn, spec)
     try:
-        fleet.create()
-        fleet.start()
-        times = list(fleet.wait_up().values())
+        clones.create()
+        clones.start()
+        times = list(clones.wait_up().values())
     finally:
-        problems = fleet.teardown()
+        problems = clones.teardown()
     if problems:
         raise SystemExit("teardown problems: " + "; ".join(problems))
     return {"first": min(times), "median": statistics.median(times), "last": max(times)}
@@ -129,7 +129,7 @@ def main() -> int:
     try:
         for label, base in bases:
             for mode in ("overlay", "copy"):
-                runs = [time_fleet(conn, base, mode, args.clones) for _ in range(args.repeat)]
+                runs = [time_clones(conn, base, mode, args.clones) for _ in range(args.repeat)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 print(
                     f"{label:44} {mode:8} {med['per_guest_ms']:8.1f}ms "

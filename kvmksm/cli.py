@@ -1,22 +1,22 @@
-"""The command line: thin; each subcommand calls one module."""
+"""The command line: parses arguments, calls the command's logic (kvmksm.commands) and hands
+the result to a view (kvmksm.views). Modules are imported inside each command: a command loads
+only what it uses (``kvmksm bench ltp-ksm03`` never imports libvirt or matplotlib before it
+must), which keeps start-up short."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from kvmksm import __version__
 from kvmksm.errors import UserError
-from kvmksm.scenario.checks import describe
-
-if TYPE_CHECKING:
-    from kvmksm.scenario.model import Scenario
+from kvmksm.units import parse_duration
 
 DEFAULT_OUTPUT = Path("reports")
 
@@ -117,8 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _duration(text: str) -> float:
-    from kvmksm.units import parse_duration
-
     try:
         value = parse_duration(float(text) if text.replace(".", "", 1).isdigit() else text)
     except ValueError as e:
@@ -128,153 +126,6 @@ def _duration(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    err = Console(stderr=True, highlight=False)
-    try:
-        return int(COMMANDS[args.command](args))
-    except UserError as e:
-        err.print(f"kvmksm: {e}", markup=False, soft_wrap=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        err.print("kvmksm: interrupted")
-        return 130
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from kvmksm.commands.bench import bench, load_scenario
-
-    sc, path = load_scenario(args.scenario)
-    connect = args.connect or os.environ.get("LIBVIRT_DEFAULT_URI")
-    out = Console(highlight=False)
-    if sc.repeats > 1 or sc.matrix:  # an experiment: every point x repeats, one run each
-        return _bench_experiment(sc, path, connect, args, out)
-    result = bench(sc, args.output, scenario_file=path, connect=connect)
-    if not args.no_report:
-        _write_report(result.record_dir)
-    table = Table(title=f"kvmksm bench {sc.name}: {result.status.upper()}", title_justify="left")
-    for col in ("check", "expected", "observed", "result"):
-        table.add_column(col)
-    for c in result.checks:
-        table.add_row(
-            c["name"],
-            describe(c["expected"]),
-            str(c["observed"]),
-            "[green]pass[/]" if c["passed"] else "[bold red]FAIL[/]",
-        )
-    if result.checks:
-        out.print(table)
-    if result.error:
-        out.print(f"[bold red]{result.status}:[/] {result.error}", soft_wrap=True)
-    passed = sum(c["passed"] for c in result.checks)
-    out.print(f"checks: {passed} passed, {len(result.checks) - passed} failed")
-    out.print(f"record: {result.record_dir}", soft_wrap=True)
-    report = result.record_dir / "report.html"
-    if report.exists():
-        out.print(f"report: {report}", soft_wrap=True)
-    return result.exit_code
-
-
-def _write_report(run_dir: Path) -> None:
-    try:
-        from kvmksm.views.report import write_report
-    except ImportError:
-        return
-    try:
-        write_report(run_dir)
-    except Exception as e:  # the record is what matters; a report can be rebuilt
-        Console(stderr=True).print(f"kvmksm: report not written: {e}", markup=False)
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from kvmksm.scenario import load as scenario
-
-    for arg in args.scenario:
-        sc = scenario.load(scenario.resolve_path(arg))
-        runs = ""
-        if sc.repeats > 1 or sc.matrix:
-            from kvmksm.commands.experiment import points
-
-            n = len(points(sc))
-            runs = f"; {n} point(s) x {sc.repeats} repeat(s) = {n * sc.repeats} runs"
-        print(f"{arg}: ok ({sc.workload.type} workload, scenario {sc.name}{runs})")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from kvmksm.views.report import write_report
-
-    for d in args.run_dir:
-        if (Path(d) / "experiment.json").exists():
-            raise UserError(
-                f"{d}: an experiment folder, not a run record: its summary is rebuilt with "
-                f"kvmksm compare {d} (and kvmksm plan {d} for a clone-count sweep)"
-            )
-        print(write_report(d))
-    return 0
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from kvmksm.commands.doctor import diagnose
-    from kvmksm.host.fs import HostFS
-    from kvmksm.scenario import load as scenario
-
-    sc = scenario.load(scenario.resolve_path(args.scenario)) if args.scenario else None
-    findings = diagnose(HostFS(), sc, args.connect)
-    out = Console(highlight=False)
-    style = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
-    for f in findings:
-        line = f"{style[f.level]} {f.what}"
-        if f.fix and f.level != "ok":
-            line += f" [dim]->[/] {f.fix}"
-        out.print(line, soft_wrap=True)
-    return 1 if any(f.level == "fail" for f in findings) else 0
-
-
-def cmd_clean(args: argparse.Namespace) -> int:
-    from kvmksm.commands.clean import clean
-    from kvmksm.host.fs import HostFS
-
-    done, problems = clean(HostFS(), args.connect, dry_run=args.dry_run)
-    verb = "would " if args.dry_run else ""
-    for line in done:
-        print(f"{verb}{line}")
-    for p in problems:
-        print(f"problem: {p}", file=sys.stderr)
-    if not done and not problems:
-        print("nothing to clean: no leftovers of kvmksm runs on this host")
-    return 1 if problems else 0
-
-
-def cmd_image(args: argparse.Namespace) -> int:
-    from kvmksm.virt.conn import open_connection, resolve_uri
-    from kvmksm.virt.tiny_image import build_image
-
-    conn = open_connection(resolve_uri(args.connect))
-    try:
-        img = build_image(conn, name=args.name, force=args.force)
-    finally:
-        conn.close()
-    print(f"base domain {args.name}: {img}")
-    return 0
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    from kvmksm.commands.watch import watch
-
-    if args.interval < 0.1:
-        raise UserError("--interval: at least 0.1s")
-    result = watch(
-        args.output,
-        duration=args.duration,
-        connect=args.connect,
-        interval=args.interval,
-        report=not args.no_report,
-    )
-    return result.exit_code
-
-
-# -- experiments: bench of a matrix, compare, plan ---------------------------------------
 def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "compare",
@@ -318,61 +169,210 @@ def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-def _bench_experiment(
-    sc: Scenario, path: str, connect: str | None, args: argparse.Namespace, out: Console
-) -> int:
-    from kvmksm.commands.experiment import run_experiment, summary_table
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return int(COMMANDS[args.command](args))
+    except UserError as e:
+        err.print(f"kvmksm: {e}", markup=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("kvmksm: interrupted")
+        return 130
 
-    result = run_experiment(sc, args.output, path, connect, reports=not args.no_report)
-    out.print(summary_table(result.dir))
-    if result.index.get("error"):
-        out.print(f"[bold red]error:[/] {result.index['error']}", soft_wrap=True)
-    out.print(f"experiment: {result.dir}", soft_wrap=True)
-    for name in ("compare.html", "plan.html"):
-        if (result.dir / name).exists():
-            out.print(f"{name.split('.')[0]}: {result.dir / name}", soft_wrap=True)
+
+def _connect(args: argparse.Namespace) -> str | None:
+    return args.connect or os.environ.get("LIBVIRT_DEFAULT_URI")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvmksm.commands.bench import bench
+    from kvmksm.scenario.load import load_arg
+    from kvmksm.views.terminal import TerminalProgress, bench_result
+
+    sc, path = load_arg(args.scenario)
+    out = Console(highlight=False)
+    progress = TerminalProgress(Console(stderr=True, highlight=False))
+    if sc.repeats > 1 or sc.matrix:  # an experiment: every point x repeats, one run each
+        return _bench_experiment(sc, path, args, out, progress)
+    result = bench(sc, args.output, scenario_file=path, connect=_connect(args), progress=progress)
+    report = None if args.no_report else _write_report(result.record_dir, progress)
+    bench_result(result, sc.name, out, report)
+    return result.exit_code
+
+
+def _write_report(run_dir: Path, progress: Any) -> Path | None:
+    """report.html beside the record; a report that cannot be drawn loses nothing (the
+    record is what matters, and `kvmksm report` rebuilds it)."""
+    from kvmksm.views.report import write_report
+
+    try:
+        return write_report(run_dir)
+    except Exception as e:
+        progress.warn(f"report not written ({e}); rebuild it with: kvmksm report {run_dir}")
+        return None
+
+
+def _bench_experiment(
+    sc: Any, path: str, args: argparse.Namespace, out: Console, progress: Any
+) -> int:
+    from kvmksm.commands.experiment import point_summaries, run_experiment
+    from kvmksm.views.experiment_pages import write_summaries
+    from kvmksm.views.terminal import experiment_summary
+
+    report = None if args.no_report else (lambda d: _write_report(d, progress))
+    result = run_experiment(sc, args.output, path, _connect(args), progress=progress, report=report)
+    for problem in result.problems:
+        progress.warn(problem)
+    written: list[Path] = []
+    if not args.no_report:
+        try:
+            written = write_summaries(result.dir)
+        except Exception as e:  # the records are what matters; kvmksm compare rebuilds these
+            progress.warn(f"summary not written: {e}")
+    experiment_summary(point_summaries(result.dir), out)
+    out.print(f"experiment: {result.dir}", soft_wrap=True, markup=False)
+    for page in written:
+        out.print(f"{page.stem}: {page}", soft_wrap=True, markup=False)
+    return result.exit_code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kvmksm.commands.experiment import points
+    from kvmksm.scenario.load import load_arg
+
+    for arg in args.scenario:
+        sc, _ = load_arg(arg)
+        runs = ""
+        if sc.repeats > 1 or sc.matrix:
+            n = len(points(sc))
+            runs = f"; {n} point(s) x {sc.repeats} repeat(s) = {n * sc.repeats} runs"
+        print(f"{arg}: ok ({sc.workload.type} workload, scenario {sc.name}{runs})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kvmksm.results.experiment import is_experiment
+    from kvmksm.views.report import write_report
+
+    for d in args.run_dir:
+        if is_experiment(Path(d)):
+            raise UserError(
+                f"{d}: an experiment folder, not a run record: its summary is rebuilt with "
+                f"kvmksm compare {d} (and kvmksm plan {d} for a clone-count sweep)"
+            )
+        print(write_report(d))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from kvmksm.commands.doctor import diagnose
+    from kvmksm.host.fs import HostFS
+    from kvmksm.scenario.load import load_arg
+    from kvmksm.views.terminal import findings
+
+    sc = load_arg(args.scenario)[0] if args.scenario else None
+    found = diagnose(HostFS(), sc, args.connect)
+    findings(found, Console(highlight=False))
+    return 1 if any(f.level == "fail" for f in found) else 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from kvmksm.commands.clean import clean
+    from kvmksm.host.fs import HostFS
+    from kvmksm.views.terminal import cleaned
+
+    done, problems = clean(HostFS(), args.connect, dry_run=args.dry_run)
+    cleaned(done, problems, args.dry_run, Console(highlight=False), Console(stderr=True))
+    return 1 if problems else 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from kvmksm.virt import libvirt_missing
+
+    try:
+        from kvmksm.virt.conn import open_connection, resolve_uri
+        from kvmksm.virt.tiny_image import build_image
+    except ImportError as e:
+        raise libvirt_missing(e, "kvmksm image build") from None
+
+    err = Console(stderr=True, highlight=False)
+    conn = open_connection(resolve_uri(args.connect))
+    try:
+        img = build_image(
+            conn,
+            name=args.name,
+            force=args.force,
+            progress=lambda text: err.print(f"image: {text}", markup=False, soft_wrap=True),
+        )
+    finally:
+        conn.close()
+    print(f"base domain {args.name}: {img}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from kvmksm.commands.watch.session import watch
+    from kvmksm.views.live import summary, view_for
+
+    if args.interval < 0.1:
+        raise UserError("--interval: at least 0.1s")
+    console = Console(highlight=False)
+    result = watch(
+        args.output,
+        duration=args.duration,
+        connect=args.connect,
+        interval=args.interval,
+        view=view_for(console, os.sysconf("SC_PAGE_SIZE")),
+    )
+    report = None
+    if not args.no_report:
+        from kvmksm.views.terminal import TerminalProgress
+
+        report = _write_report(result.record_dir, TerminalProgress(console))
+    summary(console, result, report)
     return result.exit_code
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import json
-
-    from kvmksm.commands import compare
+    from kvmksm.commands.compare import collect, compare, default_output
+    from kvmksm.views.compare_page import compare_page
+    from kvmksm.views.terminal import comparison
 
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha: expected a significance level between 0 and 1, got {args.alpha}")
-    cmp = compare.compare(compare.collect(args.paths), args.by_argument, args.alpha)
-    html = compare.write_html(
-        cmp, args.output or compare.default_output(args.paths, "compare.html")
-    )
+    cmp = compare(collect(args.paths), args.by_argument, args.alpha)
+    html = compare_page(cmp, args.output or default_output(args.paths, "compare.html"))
     if args.json:
         print(json.dumps(cmp.to_json() | {"html": str(html)}, indent=1, default=str))
     else:
         out = Console(highlight=False)
-        compare.terminal(cmp, out)
-        out.print(f"report: {html}", soft_wrap=True)
+        comparison(cmp, out)
+        out.print(f"report: {html}", soft_wrap=True, markup=False)
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import json
+    from kvmksm.commands.compare import collect, default_output
+    from kvmksm.commands.plan import parse_size_arg, plan, to_json
+    from kvmksm.views.plan_page import plan_page
+    from kvmksm.views.terminal import plans as show_plans
 
-    from kvmksm.commands import compare, plan
-
-    plans = plan.plan(
-        compare.collect(args.paths),
-        guest_memory=plan.parse_size_arg(args.guest_memory, "--guest-memory"),
-        host_memory=plan.parse_size_arg(args.host_memory, "--host-memory"),
+    plans = plan(
+        collect(args.paths),
+        guest_memory=parse_size_arg(args.guest_memory, "--guest-memory"),
+        host_memory=parse_size_arg(args.host_memory, "--host-memory"),
         headroom=args.headroom,
-        overhead=plan.parse_size_arg(args.overhead, "--overhead") or 0,
+        overhead=parse_size_arg(args.overhead, "--overhead") or 0,
     )
-    html = plan.write_html(plans, args.output or compare.default_output(args.paths, "plan.html"))
+    html = plan_page(plans, args.output or default_output(args.paths, "plan.html"))
     if args.json:
-        print(json.dumps(plan.to_json(plans) | {"html": str(html)}, indent=1, default=str))
+        print(json.dumps(to_json(plans) | {"html": str(html)}, indent=1, default=str))
     else:
         out = Console(highlight=False)
-        plan.terminal(plans, out)
-        out.print(f"report: {html}", soft_wrap=True)
+        show_plans(plans, out)
+        out.print(f"report: {html}", soft_wrap=True, markup=False)
     return 0
 
 

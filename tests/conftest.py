@@ -18,6 +18,21 @@ from kvmksm.virt.tiny_image import TinyImage, build_image
 from .fakehost import make_tree
 
 REAL_KSM_LOCK = "/tmp/kvmksm-realksm.lock"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regen-golden",
+        action="store_true",
+        help="rewrite the golden files (tests/fixtures/clone/*.golden.xml) from the code",
+    )
+
+
+@pytest.fixture
+def regen_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--regen-golden"))
+
+
 LIBVIRT_URI = "qemu:///system"
 
 

@@ -6,7 +6,6 @@ with numbers chosen so that every derived metric has an exact expected value.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -15,6 +14,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from kvmksm.results.record import FORMAT
+from kvmksm.results.record import write_record as write_run
 
 PAGE = 4096
 MIB = 1024 * 1024
@@ -73,18 +75,11 @@ def write_record(
     kind: str = "bench",
     error: str | None = None,
 ) -> Path:
-    """Write run.json, samples.csv and (when given) vm_samples.csv into `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    samples.to_csv(directory / "samples.csv", index=False)
-    files = {"samples": "samples.csv"}
-    if vm_samples is not None:
-        vm_samples.to_csv(directory / "vm_samples.csv", index=False)
-        files["vm_samples"] = "vm_samples.csv"
+    """A record laid out through kvmksm.results (run.json validated as every reader sees it)."""
     duration = float(samples["t"].iloc[-1]) if len(samples) else 0.0
     before = knobs_before or {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20}
     meta: dict[str, Any] = {
-        "format": 1,
+        "format": FORMAT,
         "kind": kind,
         "tool": {"name": "kvmksm", "version": "0.1.0"},
         "status": status,
@@ -102,12 +97,10 @@ def write_record(
         "checks": list(checks),
         "metrics": {},
         "error": error,
-        "files": files,
     }
     if guests is not None:
         meta["guests"] = guests
-    (directory / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return directory
+    return write_run(Path(directory), meta, samples, vm_samples)
 
 
 @dataclass

@@ -46,7 +46,39 @@ def test_default_scenario_without_image_says_build_it(tmp_path: Path, fake_root:
 def test_missing_scenario_file() -> None:
     p = kvmksm("bench", "no-such-scenario.yaml")
     assert p.returncode == 2
-    assert p.stderr.strip() == "kvmksm: no-such-scenario.yaml: no such scenario file"
+    assert p.stderr.strip() == (
+        "kvmksm: no-such-scenario.yaml: no such scenario file (bundled scenarios: fedora3, "
+        "ltp-ksm03, sweep-processes, tiny-sweep, tiny3)"
+    )
+
+
+def test_readme_paths_to_bundled_scenarios_work_from_any_folder(tmp_path: Path) -> None:
+    """`kvmksm validate scenarios/tiny3.yaml`, as the README writes it, outside the checkout."""
+    p = subprocess.run(
+        [sys.executable, "-m", "kvmksm", "validate", "scenarios/tiny3.yaml", "tiny3.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0].startswith("scenarios/tiny3.yaml: ok (vms workload")
+
+
+def test_vm_scenario_without_libvirt_python_is_one_line(fake_root: Path) -> None:
+    """A host without the vms extra: one line saying what to install, nothing changed."""
+    code = (
+        "import sys; sys.modules['libvirt'] = None; from kvmksm.cli import main; "
+        "sys.exit(main(['bench', 'tiny3']))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KVMKSM_ROOT": str(fake_root)},
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("kvmksm: a vms scenario needs libvirt: libvirt-python is")
+    assert "pip install 'kvmksm[vms]'" in p.stderr and "\n" not in p.stderr.strip()
 
 
 def test_validate_and_help() -> None:

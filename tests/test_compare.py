@@ -1,5 +1,5 @@
 """kvmksm compare on synthetic records with known answers, the statistics, the Pareto front,
-and the per-record figures both workloads share (outcome.py)."""
+and the per-record figures both workloads share (analysis.metrics)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
-from kvmksm.analysis.outcome import aligned_curve, outcome, savings_at_last_fill
+from kvmksm.analysis.metrics import aligned_curve, analyse, saved_at_plateau
 from kvmksm.analysis.pareto import pareto_front
+from kvmksm.analysis.stats import difference
+from kvmksm.analysis.windows import saved_pages, windows
 from kvmksm.commands import compare
 from kvmksm.errors import UserError
 from kvmksm.results.record import load_record
+from kvmksm.views import terminal
 
 from .recordgen import MIB, PAGE, ltp_record, vm_record
 
@@ -60,7 +63,7 @@ def metric(cmp: compare.Comparison, key: str) -> dict[str, Any]:
 
 # -- the statistics -------------------------------------------------------------------------
 def test_welch_by_hand() -> None:
-    d = compare.difference([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    d = difference([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
     # equal variances 1 and n 3: se = sqrt(1/3 + 1/3), t = 3 / se = 3.674, df = 4
     se = math.sqrt(2 / 3)
     assert d["diff"] == 3.0 and d["diff_pct"] == 150.0
@@ -73,14 +76,14 @@ def test_welch_by_hand() -> None:
 
 
 def test_verdicts_noise_too_few_and_exact() -> None:
-    assert compare.difference([10, 11, 9], [10.5, 9.5, 10.2])["verdict"] == "within noise"
-    few = compare.difference([10, 11], [20, 21, 22])
+    assert difference([10, 11, 9], [10.5, 9.5, 10.2])["verdict"] == "within noise"
+    few = difference([10, 11], [20, 21, 22])
     assert few["verdict"] == "too few repeats to tell" and few["p"] is None
     assert few["diff"] == pytest.approx(10.5)
     # exact counters: no spread on either side
-    assert compare.difference([5, 5, 5], [5, 5, 5])["verdict"] == "same"
-    assert compare.difference([5, 5, 5], [6, 6, 6])["verdict"] == "beyond noise"
-    assert compare.difference([], [1, 2, 3])["verdict"] == "no data"
+    assert difference([5, 5, 5], [5, 5, 5])["verdict"] == "same"
+    assert difference([5, 5, 5], [6, 6, 6])["verdict"] == "beyond noise"
+    assert difference([], [1, 2, 3])["verdict"] == "no data"
 
 
 # -- comparing records ----------------------------------------------------------------------
@@ -163,7 +166,7 @@ def test_host_difference_and_unfinished_records(tmp_path: Path) -> None:
 
 
 def test_nothing_to_compare(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="no such run record or experiment directory"):
+    with pytest.raises(UserError, match="no such run record or experiment folder"):
         compare.collect([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no run record or experiment"):
@@ -244,7 +247,7 @@ def test_cli_json_html_and_terminal(tmp_path: Path) -> None:
     # the terminal table
     cmp = compare.compare(compare.collect([tmp_path / "old", tmp_path / "new"]))
     console = Console(record=True, width=200)
-    compare.terminal(cmp, console)
+    terminal.comparison(cmp, console)
     text = console.export_text()
     assert "A = kernel=6.1.0-test (3 run(s))" in text
     assert "beyond noise, better, p=" in text and "+31.2 (+12.5%)" in text
@@ -259,7 +262,7 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
-        == f"kvmksm: {tmp_path / 'nope'}: no such run record or experiment directory"
+        == f"kvmksm: {tmp_path / 'nope'}: no such run record or experiment folder"
     )
 
 
@@ -268,21 +271,25 @@ def test_processes_savings_at_end_of_last_fill(tmp_path: Path) -> None:
     """LTP ksm03's shape: four fills, then unmerge. The last fill's scans end at t=8.3 and
     the unmerge starts at 9.55: the sample at t=9 holds its saving, 98302 pages."""
     rec = load_record(ltp_record(tmp_path / "ltp"))
-    saved, t, how = savings_at_last_fill(rec)
-    assert (saved, t, how) == (pytest.approx(98302 * PAGE / MIB), 9.0, "sample at t=9s")
-    o = outcome(rec)
-    assert o.workload == "processes" and o.guests == 3 and o.guest_bytes == 128 * MIB
-    assert o.t_on == 1.6 and o.t_saved == 9.0
-    assert o.value("plateau_saved_mib") == pytest.approx(98302 * PAGE / MIB, abs=1e-4)
-    assert o.value("plateau_saved_pct") == pytest.approx(98302 / 98304 * 100, abs=1e-3)
-    # ksmd at 95% in the rows after KSM on (t=1.6) up to t=9: t=2..9, one second each
-    assert o.value("ksmd_cpu_to_plateau_s") == pytest.approx(8 * 0.95)
-    assert o.value("mib_per_cpu_s") == pytest.approx(98302 * PAGE / MIB / 7.6, rel=1e-4)
-    assert o.value("unmerge_s") == pytest.approx(0.05)
+    w = windows(rec)
+    assert (w.t_on, w.plateau_start, w.plateau_end) == (1.6, 8.3, pytest.approx(9.55))
+    assert w.where == "at the end of the last fill"
+    saved = saved_pages(rec.samples) * PAGE / MIB
+    assert saved_at_plateau(rec, saved, w) == (pytest.approx(98302 * PAGE / MIB), w.plateau_source)
+    a = analyse(rec)
+    assert a.workload == "processes" and a.guests == 3 and a.guest_bytes == 128 * MIB
+    assert a.value("plateau_saved_mib") == pytest.approx(98302 * PAGE / MIB, abs=1e-4)
+    assert a.value("plateau_saved_pct") == pytest.approx(98302 / 98304 * 100, abs=1e-3)
+    # ksmd at 95% in the rows after KSM on (t=1.6) up to the scans' end (8.3): t=2..8
+    assert a.value("ksmd_cpu_to_plateau_s") == pytest.approx(7 * 0.95)
+    assert a.value("mib_per_cpu_s") == pytest.approx(98302 * PAGE / MIB / 6.65, rel=1e-4)
+    assert a.value("unmerge_s") == pytest.approx(0.05)
     # 0 pages at t=1, 98302 at t=2: linear between them, half is reached at t=1.5, before
-    # KSM went on (1.6); analysis.crossing_time never answers before the start it is given
-    assert o.value("time_to_50pct_s") == 0.0
-    assert o.value("time_to_90pct_s") == pytest.approx(1.9 - 1.6)
+    # KSM went on (1.6); crossing_time never answers before the start it is given
+    assert a.value("time_to_50pct_s") == 0.0
+    assert a.value("time_to_90pct_s") == pytest.approx(1.9 - 1.6)
+    # (N-1)/N means nothing for processes that repeat their content: not shown
+    assert a.value("ceiling_pct") is None and "not defined" in a.metrics["ceiling_pct"]["note"]
 
 
 def test_processes_savings_from_the_check_without_a_sample(tmp_path: Path) -> None:
@@ -290,6 +297,12 @@ def test_processes_savings_from_the_check_without_a_sample(tmp_path: Path) -> No
     rec_dir = ltp_record(tmp_path / "ltp")
     samples = pd.read_csv(rec_dir / "samples.csv")
     samples[samples["t"] != 9.0].to_csv(rec_dir / "samples.csv", index=False)
-    saved, t, how = savings_at_last_fill(load_record(rec_dir))
-    assert (t, how) == (8.3, "the step's check of pages_sharing")
-    assert saved == pytest.approx(98302 * PAGE / MIB)
+    rec = load_record(rec_dir)
+    saved = saved_pages(rec.samples) * PAGE / MIB
+    value, how = saved_at_plateau(rec, saved, windows(rec))
+    assert how == "the step's exact check of pages_sharing"
+    assert value == pytest.approx(98302 * PAGE / MIB)
+    a = analyse(rec)
+    assert a.metrics["plateau_saved_mib"]["note"] == f"from {how}"
+    # the curve still has its crossings: the plateau's own figure ends it
+    assert a.value("time_to_90pct_s") == pytest.approx(1.9 - 1.6)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -14,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmksm.analysis.outcome import outcome
+from kvmksm.analysis.metrics import analyse
 from kvmksm.commands import compare
-from kvmksm.commands.experiment import (
-    INDEX,
-    expand,
-    load_index,
-    load_runs,
-    points,
-    run_experiment,
-)
+from kvmksm.commands.experiment import expand, points, run_experiment
 from kvmksm.errors import UserError, WorkloadFailed
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm, ksm_processes
+from kvmksm.results.experiment import load_index, load_runs
 from kvmksm.scenario import load as scenario
 from kvmksm.scenario.model import Scenario
 from kvmksm.workloads.base import RunContext, Workload
@@ -152,7 +145,11 @@ class Mimic(Workload):
             time.sleep(5)
         if os.environ.get("MIMIC_FAIL") == str(n):
             raise WorkloadFailed("the guest never came up")
+        # A fill step as the processes workload logs one: the saving holds from its scans'
+        # end until the run ends.
         set_counter(self.root, "pages_sharing", int(self.sc.knobs["pages_to_scan"]))
+        ctx.record.event("round_filled", "fill", step=1, seconds=0.0)
+        ctx.record.event("scans_done", "3 full scans", step=1, seconds=0.0)
         time.sleep(0.25)
 
     def teardown(self, ctx: RunContext) -> list[str]:
@@ -169,7 +166,6 @@ def _fake_run(tmp_path: Path, fake_root: Path, text: str) -> tuple[object, list[
         "s.yaml",
         fs=HostFS(fake_root),
         workload_factory=lambda s: Mimic(s, fake_root, calls),
-        reports=False,
     )
     return result, calls
 
@@ -189,28 +185,30 @@ def test_fake_sweep_restores_host_between_runs(
     assert [c["pages_to_scan"] for c in calls] == [1000, 5000, 1000, 5000]
     assert all(c["sleep_millisecs"] == 20 and c["use_zero_pages"] == 0 for c in calls)
     index = load_index(exp)
-    assert index["axes"] == {"pages_to_scan": [1000, 5000]} and index["repeats"] == 2
-    assert [r["status"] for r in index["runs"]] == ["passed", "passed", "failed", "passed"]
-    assert index["runs"][2]["error"] == "the guest never came up"
-    assert all(r["host_restored"] for r in index["runs"])
-    assert [p["runs"] for p in index["points"]] == [[0, 2], [1, 3]]
-    assert index["knobs_after"] == index["knobs_before"]
+    assert index.axes == {"pages_to_scan": [1000, 5000]} and index.repeats == 2
+    assert [r.status for r in index.runs] == ["passed", "passed", "failed", "passed"]
+    assert index.runs[2].error == "the guest never came up"
+    assert all(r.host_restored for r in index.runs)
+    assert [p.runs for p in index.points] == [[0, 2], [1, 3]]
+    assert index.knobs_after == index.knobs_before
     assert not (exp / ".running").exists()
     runs = load_runs(exp)
-    assert [e["dir"] for e, _ in runs] == [
+    assert [e.dir for e, _ in runs] == [
         "001_pages_to_scan-1000_r1",
         "002_pages_to_scan-5000_r1",
         "003_pages_to_scan-1000_r2",
         "004_pages_to_scan-5000_r2",
     ]
     for entry, rec in runs:
-        assert rec.meta["experiment"]["values"] == entry["values"]
-        assert rec.meta["experiment"]["repeat"] == entry["repeat"]
-        assert rec.meta["knobs_during"]["pages_to_scan"] == entry["values"]["pages_to_scan"]
-        assert rec.meta["knobs_before"] == rec.meta["knobs_after"] == index["knobs_before"]
-        assert "pages_to_scan" not in rec.meta["scenario"]["matrix"]
-    # the saving each run recorded is the one its point set
-    assert [outcome(r).workload for _, r in runs] == ["processes"] * 4
+        assert rec.meta.experiment.values == entry.values
+        assert rec.meta.experiment.repeat == entry.repeat
+        assert rec.meta.knobs_during["pages_to_scan"] == entry.values["pages_to_scan"]
+        assert rec.meta.knobs_before == rec.meta.knobs_after == index.knobs_before
+        assert "pages_to_scan" not in rec.meta.scenario.matrix
+    # the saving each run recorded is the one its point set (run 3 failed before it merged)
+    saved = [analyse(r).value("plateau_saved_mib") for _, r in runs]
+    expected = [p * 4096 / 2**20 if p else None for p in (1000, 5000, None, 5000)]
+    assert saved == [pytest.approx(e, abs=1e-4) if e else None for e in expected]
 
 
 def test_fake_sweep_interrupted_stops_and_restores(
@@ -223,8 +221,8 @@ def test_fake_sweep_interrupted_stops_and_restores(
     assert len(calls) == 2
     assert knob_values(fake_root) == before
     index = load_index(result.dir)  # type: ignore[attr-defined]
-    assert [r["status"] for r in index["runs"]] == ["passed", "interrupted", "not run", "not run"]
-    assert index["status"] == "interrupted" and index["finished"]
+    assert [r.status for r in index.runs] == ["passed", "interrupted", "not run", "not run"]
+    assert index.status == "interrupted" and index.finished
 
 
 def test_knob_not_on_this_kernel_refused_before_anything(tmp_path: Path) -> None:
@@ -234,7 +232,7 @@ def test_knob_not_on_this_kernel_refused_before_anything(tmp_path: Path) -> None
     f.write_text(_sweep("  smart_scan: [0, 1]\n"))
     sc = scenario.load(f)
     with pytest.raises(UserError) as e:
-        run_experiment(sc, tmp_path / "out", str(f), fs=HostFS(root), reports=False)
+        run_experiment(sc, tmp_path / "out", str(f), fs=HostFS(root))
     assert str(e.value).startswith(
         f"{f}:6: matrix.smart_scan: KSM knob 'smart_scan' is not available on this kernel"
     )
@@ -265,9 +263,9 @@ def test_bench_cli_on_fake_host_runs_the_matrix(fake_root: Path, tmp_path: Path)
     assert "[2/2] pages_to_scan=5000, repeat 1/1" in proc.stderr
     assert "experiment sweep: FAILED" in proc.stdout
     (exp,) = (tmp_path / "out" / "sweep").iterdir()
-    index = json.loads((exp / INDEX).read_text())
-    assert [r["status"] for r in index["runs"]] == ["failed", "failed"]
-    assert "did not finish 3 full scans" in index["runs"][0]["error"]
+    index = load_index(exp)
+    assert [r.status for r in index.runs] == ["failed", "failed"]
+    assert "did not finish 3 full scans" in index.runs[0].error
     assert knob_values(fake_root) == before
 
 
@@ -305,7 +303,7 @@ class ForeignKsmUsers:
         fs = HostFS("/")
         while not self._stop.is_set():
             for p in ksm_processes(fs):
-                pid = int(p["pid"])  # type: ignore[call-overload]
+                pid = int(p.pid)  # type: ignore[call-overload]
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
@@ -355,20 +353,20 @@ def test_real_sweep_restores_host_between_runs(real_ksm: Ksm, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (exp,) = (tmp_path / "out" / "real-sweep").iterdir()
     index = load_index(exp)
-    assert index["status"] == "passed"
-    assert index["knobs_before"] == knobs0 == index["knobs_after"] == real_ksm.read_knobs()
+    assert index.status == "passed"
+    assert index.knobs_before == knobs0 == index.knobs_after == real_ksm.read_knobs()
     runs = load_runs(exp)
-    assert [e["values"]["pages_to_scan"] for e, _ in runs] == [200, 5000] * 3
-    base = index["counters_before"]["pages_sharing"]
+    assert [e.values["pages_to_scan"] for e, _ in runs] == [200, 5000] * 3
+    base = index.counters_before["pages_sharing"]
     for entry, rec in runs:
-        assert entry["status"] == "passed" and entry["host_restored"] is True
-        assert rec.meta["knobs_before"] == knobs0 == rec.meta["knobs_after"]
-        assert rec.meta["knobs_during"]["pages_to_scan"] == entry["values"]["pages_to_scan"]
+        assert entry.status == "passed" and entry.host_restored is True
+        assert rec.meta.knobs_before == knobs0 == rec.meta.knobs_after
+        assert rec.meta.knobs_during["pages_to_scan"] == entry.values["pages_to_scan"]
         # nothing of the previous run's merged pages is left in the counters
-        assert entry["counters_before"]["pages_sharing"] == base
-        assert any(e["kind"] == "drained" for e in rec.events)
-        assert rec.checks[0]["observed"] == 8160
-        assert outcome(rec).value("plateau_saved_mib") == 8160 * 4096 / 2**20
+        assert entry.counters_before["pages_sharing"] == base
+        assert any(e.kind == "drained" for e in rec.events)
+        assert rec.checks[0].observed == 8160
+        assert analyse(rec).value("plateau_saved_mib") == 8160 * 4096 / 2**20
     assert "experiment real-sweep: PASSED" in proc.stdout
     # The comparison: the saving is exactly the same at both rates, and at 5000 pages a
     # wake-up ksmd gets there sooner, beyond the run-to-run noise.
@@ -382,4 +380,4 @@ def test_real_sweep_restores_host_between_runs(real_ksm: Ksm, tmp_path: Path) ->
     assert by["time_to_90pct_s"]["verdict"] == "beyond noise" and by["time_to_90pct_s"]["better"]
     assert cmp.pareto is not None
     assert (exp / "compare.html").exists()
-    assert all((exp / e["dir"] / "report.html").exists() for e, _ in runs)
+    assert all((exp / e.dir / "report.html").exists() for e, _ in runs)

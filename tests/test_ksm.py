@@ -6,7 +6,7 @@ import pytest
 
 from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS, parse_keyvalue, parse_meminfo, parse_stat_cpu_ticks
-from kvmksm.host.ksm import Ksm, ordered, parse_value
+from kvmksm.host.ksm import Ksm, parse_value
 
 from .fakehost import make_tree, set_counter
 
@@ -56,18 +56,35 @@ def test_no_ksm_at_all(tmp_path: Path) -> None:
         Ksm(HostFS(tmp_path)).require()
 
 
-def test_set_and_restore_order(fake_fs: HostFS, fake_root: Path) -> None:
+def test_set_and_restore_order(
+    fake_fs: HostFS, fake_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writes themselves, in the order the kernel sees them: the advisor first (it tunes
+    pages_to_scan), `run` last, on set and on restore, whatever order they were given in."""
     ksm = Ksm(fake_fs)
     saved = ksm.read_knobs()
+    writes: list[tuple[str, str]] = []
+    real_write = fake_fs.write
+
+    def spy(rel: str, value: str) -> None:
+        writes.append((rel.rsplit("/", 1)[-1], value))
+        real_write(rel, value)
+
+    monkeypatch.setattr(fake_fs, "write", spy)
     ksm.set_knobs({"run": 1, "pages_to_scan": 5000, "advisor_mode": "scan-time"})
+    assert writes == [("advisor_mode", "scan-time"), ("pages_to_scan", "5000"), ("run", "1")]
     assert ksm.read("pages_to_scan") == 5000 and ksm.read("run") == 1
-    assert ordered({"run": 1, "pages_to_scan": 1, "advisor_mode": "none"}) == [
-        "advisor_mode",
-        "pages_to_scan",
-        "run",
-    ]
+    writes.clear()
+    ksm.write("sleep_millisecs", 7)  # changed by someone: restored too
+    writes.clear()
     assert ksm.restore(saved) == []
+    names = [name for name, _ in writes]
+    assert names[0] == "advisor_mode" and names[-1] == "run"
+    assert sorted(names) == ["advisor_mode", "pages_to_scan", "run", "sleep_millisecs"]
     assert ksm.read_knobs() == saved
+    # a knob already at its value is not written at all
+    writes.clear()
+    assert ksm.restore(saved) == [] and writes == []
 
 
 def test_wait_full_scans_times_out(fake_fs: HostFS) -> None:

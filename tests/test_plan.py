@@ -11,9 +11,10 @@ import pytest
 from rich.console import Console
 
 from kvmksm.commands import compare, plan
-from kvmksm.commands.experiment import load_runs
 from kvmksm.errors import UserError
 from kvmksm.host.ksm import Ksm
+from kvmksm.results.experiment import load_runs
+from kvmksm.views import terminal
 
 from .recordgen import MIB, vm_record
 from .test_experiment import run_alone
@@ -161,7 +162,7 @@ def test_cli_json_html_terminal(tmp_path: Path) -> None:
     assert page.count("<svg") == 1
     assert 'id="max-with">111<' in page and 'id="max-without">57<' in page
     console = Console(record=True, width=160)
-    plan.terminal(plan.plan(compare.collect([root])), console)
+    terminal.plans(plan.plan(compare.collect([root])), console)
     text = console.export_text()
     assert "max guests without KSM" in text and "each added one saves 48.8% of its memory" in text
     bad = subprocess.run(

@@ -9,22 +9,7 @@ import pytest
 from kvmksm.host.fs import HostFS
 from kvmksm.host.qemu import PidNotFound, find_qemu_pid, names_guest
 
-
-def qemu_argv(name: str) -> bytes:
-    args = ["/usr/bin/qemu-system-x86_64", "-name", f"guest={name},debug-threads=on", "-S"]
-    return "\0".join(args).encode() + b"\0"
-
-
-def proc(root: Path, pid: int, cmdline: bytes) -> None:
-    d = root / "proc" / str(pid)
-    d.mkdir(parents=True)
-    (d / "cmdline").write_bytes(cmdline)
-
-
-def pidfile(root: Path, name: str, pid: int | str) -> None:
-    d = root / "run/libvirt/qemu"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"{name}.pid").write_text(f"{pid}")
+from .fakeqemu import pidfile, proc, qemu_argv
 
 
 def test_pid_file_checked_against_cmdline(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kvmksm.views.charts import MAX_POINTS, reduce_mean, reduce_minmax
-from kvmksm.views.report import fmt_duration, fmt_expected, fmt_num, write_report
+from kvmksm.views.fmt import fmt_duration, fmt_expected, fmt_num
+from kvmksm.views.report import write_report
 
 from .recordgen import VmRun, ltp_record, vm_record
 
@@ -87,6 +88,9 @@ def test_self_contained(vm_report):
 
 def test_svg_ids_are_unique_across_charts(vm_report):
     ids = re.findall(r'\sid="([^"]+)"', vm_report.read_text())
+    # every chart of a VM run has ids of its own (prefixed by its name), and none repeats
+    charts = {i.rsplit("-", 1)[0] for i in ids if re.fullmatch(r"[a-z-]+-\d+", i)}
+    assert {"merge", "cost", "memory", "vms"} <= charts, charts
     assert len(ids) == len(set(ids))
 
 
@@ -137,7 +141,7 @@ def test_long_record_is_reduced(tmp_path):
     html = write_report(d).read_text()
     assert len(html) < 1_500_000
     assert "time since run start (h)" in html
-    assert re.search(r"Time to 50% of the plateau.*?1,800\s+s", html, re.S)
+    assert re.search(r"Time to 50% of the savings.*?1,800\s+s", html, re.S)
 
 
 def test_reduce_minmax_keeps_peaks_and_bounds_points():

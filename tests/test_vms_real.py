@@ -16,7 +16,7 @@ from kvmksm.host.qemu import names_guest
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.virt.boot import BootError
 from kvmksm.virt.cleanup import find_leftovers
-from kvmksm.virt.clones import Fleet
+from kvmksm.virt.clones import Clones
 from kvmksm.virt.tiny_image import CMDLINE, TinyImage
 
 pytestmark = pytest.mark.libvirt
@@ -38,19 +38,19 @@ def workload(**kw: object) -> VmsWorkload:
 
 
 def test_tiny_overlay_clones_come_up(conn: libvirt.virConnect, tiny: TinyImage) -> None:
-    fleet = Fleet(conn, workload(), record="pytest")
+    clones = Clones(conn, workload(), record="pytest")
     try:
         t0 = time.monotonic()
-        guests = fleet.create()
+        guests = clones.create()
         created = time.monotonic() - t0
         assert created < 2.0, f"cloning 2 guests took {created:.2f}s"
         for g in guests:
             dom = conn.lookupByName(g.name)
             assert not dom.isActive()
-        fleet.start()
-        times = fleet.wait_up()
+        clones.start()
+        times = clones.wait_up()
         assert set(times) == {g.name for g in guests}
-        pids = fleet.pids()
+        pids = clones.pids()
         assert len(set(pids.values())) == 2
         for g in guests:
             cmdline = Path(f"/proc/{pids[g.name]}/cmdline").read_bytes()
@@ -64,9 +64,9 @@ def test_tiny_overlay_clones_come_up(conn: libvirt.virConnect, tiny: TinyImage) 
             assert str(tiny.image) in vol.XMLDesc(0)
         consoles = [Path(g.console or "") for g in guests]
     finally:
-        problems = fleet.teardown()
+        problems = clones.teardown()
     assert problems == []
-    left = find_leftovers(conn, fleet.run)
+    left = find_leftovers(conn, clones.run)
     assert left.empty(), left.describe()
     assert not any(p.exists() for p in consoles)
     assert not conn.lookupByName("kvmksm-tiny").isActive()
@@ -84,15 +84,15 @@ def test_guest_that_fails_is_reported_with_its_console(
         "initrd": str(tiny.initrd),
         "cmdline": f"{CMDLINE} kvmksm.fill=lots",
     }
-    fleet = Fleet(conn, workload(base=base, clones=1, guest_fill=None))
+    clones = Clones(conn, workload(base=base, clones=1, guest_fill=None))
     try:
-        fleet.create()
-        fleet.start()
+        clones.create()
+        clones.start()
         with pytest.raises(BootError) as e:
-            fleet.wait_up()
+            clones.wait_up()
     finally:
-        problems = fleet.teardown()
+        problems = clones.teardown()
     assert "reported a failure (KVMKSM-FAILED: bad kvmksm.fill=lots" in str(e.value)
     assert "  | " in e.value.tail
     assert problems == []
-    assert find_leftovers(conn, fleet.run).empty()
+    assert find_leftovers(conn, clones.run).empty()

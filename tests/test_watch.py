@@ -21,22 +21,20 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from kvmksm.commands.watch import (
-    GuestInfo,
-    LibvirtGuests,
-    bench_holder,
-    plain_line,
-    qemu_guest_name,
-    render,
-    watch,
-)
+from kvmksm.commands.watch import session
+from kvmksm.commands.watch.guests import GuestInfo, LibvirtGuests
+from kvmksm.commands.watch.session import WatchResult
 from kvmksm.host.fs import KSM_DIR, HostFS
 from kvmksm.host.ksm import parse_value
-from kvmksm.host.state import HostLock
+from kvmksm.host.qemu import guest_name as qemu_guest_name
+from kvmksm.host.state import HostLock, bench_holder
 from kvmksm.sampling.guest_rows import VM_COLUMNS, VmProbe, read_process
+from kvmksm.views.live import PlainView, plain_line, render
+from kvmksm.views.report import write_report
 from kvmksm.virt import conn as libvirt_conn
 
 from .fakehost import KNOBS, knob_values, set_counter
+from .fakeqemu import add_qemu, pidfile, qemu_argv, set_merging
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -133,34 +131,6 @@ def make_ksm_read_only(fake_root: Path) -> Iterator[Callable[[], WriteGuard]]:
 
 
 # -- fake guests ---------------------------------------------------------------------------------
-def qemu_argv(name: str, exe: str = "/usr/bin/qemu-system-x86_64") -> bytes:
-    return "\0".join([exe, "-name", f"guest={name},debug-threads=on", "-m", "256"]).encode() + b"\0"
-
-
-def add_proc(
-    root: Path,
-    pid: int,
-    name: str,
-    merging: int = 0,
-    rss_kb: int = 100_000,
-    ksm_stat: bool = True,
-) -> None:
-    d = root / "proc" / str(pid)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "cmdline").write_bytes(qemu_argv(name))
-    (d / "comm").write_text("qemu-system-x86\n")
-    (d / "statm").write_text(f"999999 {rss_kb // 4} 100 10 0 5000 0\n")  # pages of 4 KiB
-    if ksm_stat:
-        set_merging(root, pid, merging)
-
-
-def set_merging(root: Path, pid: int, merging: int) -> None:
-    (root / "proc" / str(pid) / "ksm_stat").write_text(
-        f"ksm_rmap_items {merging + 10}\nksm_zero_pages 0\nksm_merging_pages {merging}\n"
-        f"ksm_process_profit {merging * 4096 - 640}\nksm_merge_any: no\nksm_mergeable: yes\n"
-    )
-
-
 class FakeLister:
     """What libvirt would say: the test changes ``guests`` while watch runs."""
 
@@ -182,6 +152,13 @@ class FakeLister:
 
 def quiet() -> Console:
     return Console(file=io.StringIO(), width=200, force_terminal=False)
+
+
+def watch(output: Path, console: Console | None = None, **kw: Any) -> WatchResult:
+    """The watch session with the view the CLI gives it in a pipe, then its report."""
+    res = session.watch(output, view=PlainView(console or quiet(), 4096), **kw)
+    write_report(res.record_dir)
+    return res
 
 
 def meta_of(run_dir: Path) -> dict[str, Any]:
@@ -206,14 +183,14 @@ def test_guests_come_and_go_and_nothing_is_written(
     set_counter(fake_root, "pages_shared", 100)
     set_counter(fake_root, "pages_sharing", 5000)
     guard = make_ksm_read_only()
-    add_proc(fake_root, 5001, "vm-a", merging=3000)
+    add_qemu(fake_root, 5001, "vm-a", merging=3000)
     lister = FakeLister({"vm-a": GuestInfo("vm-a", 5001, "uuid-a", 262144)})
     timeline: dict[str, float] = {}
 
     def host_changes() -> None:
         start = time.monotonic()
         time.sleep(0.6)
-        add_proc(fake_root, 5002, "vm-b", merging=1000)
+        add_qemu(fake_root, 5002, "vm-b", merging=1000)
         lister.guests["vm-b"] = GuestInfo("vm-b", 5002, "uuid-b", 524288)
         timeline["b_started"] = time.monotonic() - start
         time.sleep(0.6)
@@ -327,9 +304,9 @@ def test_probe_skips_a_process_that_vanished_mid_read(
     fake_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fs = HostFS(fake_root)
-    add_proc(fake_root, 6001, "live", merging=7)
-    add_proc(fake_root, 6002, "exiting", merging=9)
-    add_proc(fake_root, 6004, "old-kernel", ksm_stat=False)
+    add_qemu(fake_root, 6001, "live", merging=7)
+    add_qemu(fake_root, 6002, "exiting", merging=9)
+    add_qemu(fake_root, 6004, "old-kernel", ksm_stat=False)
     (fake_root / "proc/6004/ksm_merging_pages").write_text("42\n")
     real_read = HostFS.read
 
@@ -364,7 +341,7 @@ def test_host_without_libvirt_or_ksm_says_so_and_records_what_it_can(
     fake_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shutil.rmtree(fake_root / KSM_DIR)
-    add_proc(fake_root, 7001, "plain-qemu", rss_kb=300_000, ksm_stat=False)
+    add_qemu(fake_root, 7001, "plain-qemu", rss_kb=300_000, ksm_stat=False)
     kvm = fake_root / "proc/7002"
     kvm.mkdir()
     (kvm / "cmdline").write_bytes(qemu_argv("100", exe="/usr/bin/kvm"))  # Proxmox's QEMU
@@ -410,7 +387,7 @@ def test_libvirt_unreachable(
     assert not (tmp_path / "a").exists()
     # The default one may be missing: a note, then host-wide data and QEMU found in /proc.
     monkeypatch.setattr(libvirt_conn, "DEFAULT_URI", bad)
-    add_proc(fake_root, 7001, "g1", merging=5)
+    add_qemu(fake_root, 7001, "g1", merging=5)
     out = io.StringIO()
     res = watch(
         tmp_path / "b", duration=0.4, interval=0.1, fs=fs, console=Console(file=out, width=300)
@@ -430,9 +407,8 @@ def test_libvirt_domains_read_only(fake_root: Path, tmp_path: Path) -> None:
     names = ["kvmksm-watch-t1", "kvmksm-watch-t2"]
     for i, name in enumerate(names):
         pid = 8001 + i
-        add_proc(fake_root, pid, name, merging=100 * (i + 1))
-        (fake_root / "run/libvirt/qemu").mkdir(parents=True, exist_ok=True)
-        (fake_root / f"run/libvirt/qemu/{name}.pid").write_text(f"{pid}\n")
+        add_qemu(fake_root, pid, name, merging=100 * (i + 1))
+        pidfile(fake_root, name, pid)
     doms = [
         rw.defineXML(
             f"<domain type='test'><name>{n}</name><memory unit='KiB'>131072</memory>"

@@ -17,14 +17,13 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from kvmksm.commands.watch import watch
 from kvmksm.host.fs import KSM_DIR, HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.scenario.model import VmsWorkload
-from kvmksm.virt.clones import Fleet
+from kvmksm.virt.clones import Clones
 from kvmksm.virt.tiny_image import TinyImage
 
-from .test_watch import WriteGuard, assert_no_gaps, kinds, meta_of
+from .test_watch import WriteGuard, assert_no_gaps, kinds, meta_of, watch
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.realksm]
 URI = "qemu:///system"
@@ -50,8 +49,8 @@ def one_guest() -> VmsWorkload:
 def test_watch_records_a_merging_guest_and_one_that_starts_mid_watch(
     conn: libvirt.virConnect, tiny: TinyImage, real_ksm: Ksm, tmp_path: Path
 ) -> None:
-    first = Fleet(conn, one_guest(), record="pytest-watch")
-    second = Fleet(conn, one_guest(), record="pytest-watch")
+    first = Clones(conn, one_guest(), record="pytest-watch")
+    second = Clones(conn, one_guest(), record="pytest-watch")
     saved = real_ksm.read_knobs()
     out = io.StringIO()
     started: dict[str, float] = {}

@@ -1,9 +1,11 @@
-"""Derived metrics: pure functions of a run record.
+"""Derived metrics: pure functions of a run record, each defined once.
 
-Every metric is taken over the merge window or the plateau (kvmksm.analysis.windows). Memory
-saved is (pages_sharing + ksm_zero_pages) x page size, as the kernel counts it in
-general_profit. Each metric carries its unit and a one-line definition, so the report and
-run.json explain themselves. Per-guest figures are in kvmksm.analysis.per_guest.
+Every metric is taken over a window of kvmksm.analysis.windows (merge window, plateau, cost
+window); the windows depend on the workload (a VM run's steady plateau, a processes run's end
+of the last fill), the definitions do not. Memory saved is (pages_sharing + ksm_zero_pages) x
+page size, as the kernel counts it in general_profit. Each metric carries its unit and a
+one-line definition, so the report and run.json explain themselves; compare and plan take the
+figures listed in COMPARED. Per-guest figures are in kvmksm.analysis.per_guest.
 """
 
 from __future__ import annotations
@@ -27,7 +29,100 @@ from kvmksm.analysis.windows import (
     saved_pages,
     windows,
 )
+from kvmksm.results.events import Kind
 from kvmksm.results.record import Record
+
+# The metrics experiments compare, and which way is better.
+COMPARED: dict[str, str] = {
+    "plateau_saved_mib": "higher",
+    "plateau_saved_pct": "higher",
+    "time_to_50pct_s": "lower",
+    "time_to_90pct_s": "lower",
+    "ksmd_cpu_to_plateau_s": "lower",
+    "ksmd_cpu_plateau_pct": "lower",
+    "mib_per_cpu_s": "higher",
+    "general_profit_mib": "higher",
+    "unmerge_s": "lower",
+}
+
+
+def metric(label: str, value: Any, unit: str, definition: str, note: str = "") -> dict[str, Any]:
+    """One metric as run.json keeps it: {label, value, unit, definition[, note]}."""
+    if isinstance(value, float):
+        value = round(value, 4) if math.isfinite(value) else None
+    elif isinstance(value, list):
+        value = [round(v, 4) if isinstance(v, float) else v for v in value]
+    entry = {"label": label, "value": value, "unit": unit, "definition": definition}
+    if note:
+        entry["note"] = note
+    return entry
+
+
+@dataclass
+class Analysis:
+    windows: Windows
+    metrics: dict[str, dict[str, Any]]
+    vm: VmAnalysis | None
+    workload: str  # processes, vms, watch
+    guests: int | None  # guests or processes
+    guest_bytes: int | None  # memory of each
+
+    def value(self, key: str) -> float | None:
+        v = self.metrics.get(key, {}).get("value")
+        return float(v) if isinstance(v, int | float) else None
+
+
+def compute_metrics(record: Record) -> dict[str, dict[str, Any]]:
+    """Every derived metric of a record: {key: {label, value, unit, definition[, note]}}."""
+    return analyse(record).metrics
+
+
+def analyse(record: Record) -> Analysis:
+    w = windows(record)
+    s = record.samples
+    saved = saved_pages(s) * page_size(record) / MIB if not s.empty else pd.Series(dtype=float)
+    plateau, how = saved_at_plateau(record, saved, w)
+    m = _savings(record, w, saved, plateau, how)
+    m |= _speed(record, w, saved, plateau)
+    m |= _cost(record, w, plateau)
+    m |= _scanning(record, w)
+    vm = vm_analysis(record, w)
+    if vm is not None:
+        m["vm_coverage_pct"] = metric(
+            "Merged pages found in guests",
+            vm.coverage_pct,
+            "%",
+            "Sum over guests of ksm_merging_pages / global (pages_shared + pages_sharing), "
+            "on the plateau; below 100% means other processes use KSM too.",
+        )
+    total, n = guest_memory(record)
+    each = total // n if total and n else None
+    return Analysis(w, m, vm, record.meta.workload.type, n, each)
+
+
+# -- the pieces every metric is built from ---------------------------------------------
+def saved_at_plateau(record: Record, saved: pd.Series, w: Windows) -> tuple[float | None, str]:
+    """MiB saved over the plateau (median), and where the figure came from.
+
+    A short processes run may have no sample between a step's scans and the next step (an
+    older record at 1 Hz): the step's own exact check of pages_sharing says it then."""
+    if w.plateau_start is None or w.plateau_end is None or saved.empty:
+        return None, w.plateau_source
+    t = record.samples["t"].astype(float)
+    inside = (t >= w.plateau_start) & (t < w.plateau_end)
+    if inside.any() or record.meta.workload.type != "processes":
+        return plateau_value(record, saved, w), w.plateau_source
+    fills = [e for e in record.events if e.kind == Kind.ROUND_FILLED]
+    step = fills[-1].step if fills else None
+    observed = {
+        c.name.rsplit(": ", 1)[-1]: c.observed
+        for c in record.checks
+        if c.step == step or c.name.startswith(f"step {step} ")
+    }
+    if isinstance(observed.get("pages_sharing"), int):
+        pages = observed["pages_sharing"] + int(observed.get("ksm_zero_pages") or 0)
+        return pages * page_size(record) / MIB, "the step's exact check of pages_sharing"
+    return plateau_value(record, saved, w), "the last sample before the step ended"
 
 
 def crossing_time(t: np.ndarray, y: np.ndarray, level: float, start: float) -> float | None:
@@ -75,17 +170,16 @@ def ksmd_cpu_mean(samples: pd.DataFrame, after: float | None, upto: float | None
 
 def guest_memory(record: Record) -> tuple[int | None, int | None]:
     """(bytes of guest memory, number of guests or processes) as the run set them up."""
-    guests = record.meta.get("guests")
-    if guests:
-        kb = [g.get("memory_kb") for g in guests]
+    meta, w = record.meta, record.meta.workload
+    if meta.guests:
+        kb = [g.memory_kb for g in meta.guests]
         if all(isinstance(k, int | float) for k in kb):
-            return int(sum(kb) * 1024), len(guests)
-    w = (record.meta.get("scenario") or {}).get("workload") or {}
-    if w.get("type") == "processes" and w.get("count") and w.get("size"):
-        return int(w["count"]) * int(w["size"]), int(w["count"])
-    if w.get("type") == "vms" and w.get("clones"):
-        memory = w.get("memory") or (w.get("base") or {}).get("memory")
-        return (int(memory) * int(w["clones"]) if memory else None), int(w["clones"])
+            return int(sum(kb) * 1024), len(meta.guests)  # type: ignore[arg-type]
+    if w.type == "processes" and w.count and w.size:
+        return w.count * w.size, w.count
+    if w.type == "vms" and w.clones:
+        memory = w.memory or (w.base.memory if w.base else None)
+        return (memory * w.clones if memory else None), w.clones
     return None, None
 
 
@@ -93,6 +187,7 @@ def configured_scan_rate(record: Record, w: Windows) -> tuple[float | None, str]
     """pages_to_scan / sleep_millisecs as pages per second, and a note on where it came from."""
     values: dict[str, float] = {}
     notes = []
+    meta = record.meta
     for knob in ("pages_to_scan", "sleep_millisecs"):
         col = column(record.samples, knob)
         if col is not None and w.t_on is not None and w.merge_end is not None:
@@ -100,8 +195,11 @@ def configured_scan_rate(record: Record, w: Windows) -> tuple[float | None, str]
             if len(window):
                 values[knob] = float(window.median())
                 continue
-        for source in ("knobs_during", "knobs_before"):
-            value = (record.meta.get(source) or {}).get(knob)
+        for source, knobs in (
+            ("knobs_during", meta.knobs_during),
+            ("knobs_before", meta.knobs_before),
+        ):
+            value = knobs.get(knob)
             if isinstance(value, int | float):
                 values[knob] = float(value)
                 notes.append(f"{knob} from {source}")
@@ -110,223 +208,20 @@ def configured_scan_rate(record: Record, w: Windows) -> tuple[float | None, str]
         return None, "pages_to_scan or sleep_millisecs unknown"
     if values["sleep_millisecs"] <= 0:
         return None, "sleep_millisecs is 0: ksmd never sleeps, only CPU bounds the rate"
-    if (record.meta.get("knobs_during") or {}).get("advisor_mode") == "scan-time":
+    if meta.knobs_during.get("advisor_mode") == "scan-time":
         notes.append("advisor_mode=scan-time tunes pages_to_scan: median of the sampled values")
     rate = values["pages_to_scan"] / (values["sleep_millisecs"] / 1000.0)
     return rate, "; ".join(notes)
 
 
-# -- metrics --------------------------------------------------------------------------
-def _metric(label: str, value: Any, unit: str, definition: str, note: str = "") -> dict[str, Any]:
-    if isinstance(value, float):
-        value = round(value, 4) if math.isfinite(value) else None
-    elif isinstance(value, list):
-        value = [round(v, 4) if isinstance(v, float) else v for v in value]
-    entry = {"label": label, "value": value, "unit": unit, "definition": definition}
-    if note:
-        entry["note"] = note
-    return entry
-
-
-@dataclass
-class Analysis:
-    windows: Windows
-    metrics: dict[str, dict[str, Any]]
-    vm: VmAnalysis | None
-
-
-def compute_metrics(record: Record) -> dict[str, dict[str, Any]]:
-    """Every derived metric of a record: {key: {label, value, unit, definition[, note]}}."""
-    return analyse(record).metrics
-
-
-def _savings(
-    record: Record, w: Windows, saved: pd.Series, plateau: float | None
-) -> dict[str, dict[str, Any]]:
-    mem, n = guest_memory(record)
-    mem_mib = mem / MIB if mem else None
-    ceiling = mem_mib * (n - 1) / n if mem_mib and n and n > 1 else None
-    m: dict[str, dict[str, Any]] = {}
-
-    m["ksm_on_s"] = _metric(
-        "KSM on at", w.t_on, "s", "Seconds after the run started that KSM went on.", w.on_source
-    )
-    m["plateau_window_s"] = _metric(
-        "Plateau window",
-        [w.plateau_start, w.plateau_end] if w.plateau_start is not None else None,
-        "s",
-        "Start and end of the plateau, in seconds since the run started.",
-        w.plateau_source,
-    )
-    m["plateau_saved_mib"] = _metric(
-        "Memory saved at the plateau",
-        plateau,
-        "MiB",
-        "Median over the plateau of (pages_sharing + ksm_zero_pages) x page size.",
-    )
-    m["peak_saved_mib"] = _metric(
-        "Peak memory saved",
-        float(saved.max()) if len(saved) else None,
-        "MiB",
-        "Largest (pages_sharing + ksm_zero_pages) x page size of any sample.",
-    )
-    m["guest_memory_mib"] = _metric(
-        "Guest memory",
-        mem_mib,
-        "MiB",
-        "Memory of all guests (or processes) of the workload, as configured.",
-        f"{n} guests or processes" if n else "",
-    )
-    m["plateau_saved_pct"] = _metric(
-        "Saved, of guest memory",
-        ratio(plateau, mem_mib, 100.0),
-        "%",
-        "Memory saved at the plateau as a percentage of all guest memory.",
-    )
-    m["ceiling_pct"] = _metric(
-        "Ceiling for identical guests",
-        ratio(ceiling, mem_mib, 100.0),
-        "%",
-        "(N-1)/N: what N identical guests save when every page is merged across guests and "
-        "one copy stays (pages repeated inside a guest can push past it).",
-    )
-    m["plateau_saved_pct_of_ceiling"] = _metric(
-        "Saved, of the (N-1)/N ceiling",
-        ratio(plateau, ceiling, 100.0),
-        "%",
-        "Memory saved at the plateau as a percentage of (N-1)/N of guest memory.",
-    )
-    return m
-
-
-def _speed(
-    record: Record, w: Windows, saved: pd.Series, plateau: float | None
-) -> dict[str, dict[str, Any]]:
-    s, m = record.samples, {}
-    for frac in (50, 90):
-        when = None
-        if plateau and plateau > 0 and w.t_on is not None and w.merge_end is not None:
-            inside = (s["t"] <= w.merge_end).to_numpy()
-            t_arr = s["t"].to_numpy(dtype=float)[inside]
-            hit = crossing_time(t_arr, saved.to_numpy()[inside], plateau * frac / 100, w.t_on)
-            when = hit - w.t_on if hit is not None else None
-        m[f"time_to_{frac}pct_s"] = _metric(
-            f"Time to {frac}% of the plateau",
-            when,
-            "s",
-            f"Seconds from KSM on until memory saved first reached {frac}% of the plateau "
-            "(linear between samples).",
-        )
-    return m
-
-
-def _cost(record: Record, w: Windows, plateau: float | None) -> dict[str, dict[str, Any]]:
-    s, m = record.samples, {}
-    total_cpu = ksmd_cpu_seconds(s)
-    to_plateau = ksmd_cpu_seconds(s, w.t_on, w.plateau_start) if w.t_on is not None else None
-    on_plateau = ksmd_cpu_mean(s, w.plateau_start, w.plateau_end)
-    m["ksmd_cpu_s"] = _metric(
-        "ksmd CPU, whole run",
-        total_cpu,
-        "CPU s",
-        "Sum over samples of ksmd's CPU percent / 100 x seconds since the previous sample.",
-    )
-    m["ksmd_cpu_to_plateau_s"] = _metric(
-        "ksmd CPU to reach the plateau",
-        to_plateau,
-        "CPU s",
-        "ksmd CPU seconds from KSM on to the start of the plateau.",
-    )
-    m["ksmd_cpu_plateau_pct"] = _metric(
-        "ksmd CPU on the plateau",
-        on_plateau,
-        "% of one CPU",
-        "ksmd's average CPU use while the savings hold steady: the cost of keeping them.",
-    )
-    m["mib_per_cpu_s"] = _metric(
-        "Saved per ksmd CPU second",
-        ratio(plateau, to_plateau),
-        "MiB/CPU s",
-        "Memory saved at the plateau / ksmd CPU seconds spent from KSM on to the plateau.",
-    )
-    profit = column(s, "general_profit")
-    m["general_profit_mib"] = _metric(
-        "general_profit at the plateau",
-        plateau_value(record, profit / MIB, w) if profit is not None else None,
-        "MiB",
-        "Kernel's own net saving: (pages_sharing + ksm_zero_pages) x page size minus KSM's "
-        "rmap_item metadata; median over the plateau.",
-        "" if profit is not None else "this kernel has no general_profit (added in 6.1)",
-    )
-    m["unmerge_s"] = _metric(
-        "Unmerge time",
-        unmerge_seconds(record),
-        "s",
-        "Seconds the write of 2 to /sys/kernel/mm/ksm/run took: breaking every merged page.",
-    )
-    return m
-
-
-def _scanning(record: Record, w: Windows) -> dict[str, dict[str, Any]]:
-    s, m = record.samples, {}
-    rate = effective_scan_rate(record, w)
-    configured, conf_note = configured_scan_rate(record, w)
-    m["scan_rate"] = _metric(
-        "Effective scan rate",
-        rate,
-        "pages/s",
-        "Growth of pages_scanned over the merge window / its length.",
-        "" if rate is not None else "this kernel has no pages_scanned (added in 6.7)",
-    )
-    m["scan_rate_configured"] = _metric(
-        "Configured scan rate",
-        configured,
-        "pages/s",
-        "pages_to_scan / (sleep_millisecs / 1000): ksmd's rate if scanning took no time.",
-        conf_note,
-    )
-    m["scan_rate_pct"] = _metric(
-        "Effective of configured",
-        ratio(rate, configured, 100.0),
-        "%",
-        "Effective scan rate as a percentage of the configured one.",
-    )
-    full = column(s, "full_scans")
-    m["full_scans"] = _metric(
-        "Full scans",
-        _delta(s, full, w.t_on, w.merge_end) if full is not None else None,
-        "",
-        "Passes ksmd completed over all mergeable memory during the merge window.",
-    )
-    return m
-
-
-def analyse(record: Record) -> Analysis:
-    w = windows(record)
-    s = record.samples
-    saved = saved_pages(s) * page_size(record) / MIB if not s.empty else pd.Series(dtype=float)
-    plateau = plateau_value(record, saved, w)
-    m = _savings(record, w, saved, plateau)
-    m |= _speed(record, w, saved, plateau)
-    m |= _cost(record, w, plateau)
-    m |= _scanning(record, w)
-    vm = vm_analysis(record, w)
-    if vm is not None:
-        m["vm_coverage_pct"] = _metric(
-            "Merged pages found in guests",
-            vm.coverage_pct,
-            "%",
-            "Sum over guests of ksm_merging_pages / global (pages_shared + pages_sharing), "
-            "on the plateau; below 100% means other processes use KSM too.",
-        )
-    return Analysis(w, m, vm)
-
-
-def _delta(s: pd.DataFrame, col: pd.Series, start: float | None, end: float | None) -> float | None:
-    if start is None or end is None:
+def unmerge_seconds(record: Record) -> float | None:
+    start = next((e for e in record.events if e.kind == Kind.UNMERGE), None)
+    if start is None:
         return None
-    window = col[in_window(s["t"], start, end)].dropna()
-    return float(window.iloc[-1] - window.iloc[0]) if len(window) else None
+    if start.seconds is not None:
+        return float(start.seconds)
+    done = [e.t for e in record.events if e.kind == Kind.UNMERGE_DONE and e.t >= start.t]
+    return float(done[0] - start.t) if done else None
 
 
 def effective_scan_rate(record: Record, w: Windows) -> float | None:
@@ -341,14 +236,209 @@ def effective_scan_rate(record: Record, w: Windows) -> float | None:
     return float((v.iloc[-1] - v.iloc[0]) / (t.iloc[-1] - t.iloc[0]))
 
 
-def unmerge_seconds(record: Record) -> float | None:
-    start = next((e for e in record.events if e["kind"] == "unmerge"), None)
-    if start is None:
+def _delta(s: pd.DataFrame, col: pd.Series, start: float | None, end: float | None) -> float | None:
+    if start is None or end is None:
         return None
-    if isinstance(start.get("seconds"), int | float):
-        return float(start["seconds"])
-    done = [e["t"] for e in record.events if e["kind"] == "unmerge_done" and e["t"] >= start["t"]]
-    return float(done[0] - start["t"]) if done else None
+    window = col[in_window(s["t"], start, end)].dropna()
+    return float(window.iloc[-1] - window.iloc[0]) if len(window) else None
 
 
-# -- per VM ---------------------------------------------------------------------------
+# -- the metrics, by what they say -----------------------------------------------------
+def _savings(
+    record: Record, w: Windows, saved: pd.Series, plateau: float | None, how: str
+) -> dict[str, dict[str, Any]]:
+    mem, n = guest_memory(record)
+    mem_mib = mem / MIB if mem else None
+    kind = record.meta.workload.type
+    # N clones of one base: every page merged across guests and one copy kept. Processes
+    # repeat their content inside each mapping, and a watched host's guests are not clones.
+    clones = kind == "vms" and mem_mib and n and n > 1
+    ceiling = mem_mib * (n - 1) / n if clones else None  # type: ignore[operator]
+    no_ceiling = "" if clones else f"not defined for a {kind} run: only for clones of one base"
+    noun = "process memory" if kind == "processes" else "guest memory"
+    m: dict[str, dict[str, Any]] = {}
+    m["ksm_on_s"] = metric(
+        "KSM on at", w.t_on, "s", "Seconds after the run started that KSM went on.", w.on_source
+    )
+    m["plateau_window_s"] = metric(
+        "Plateau window",
+        [w.plateau_start, w.plateau_end] if w.plateau_start is not None else None,
+        "s",
+        "Start and end of the window the savings are taken over, in seconds since the run started.",
+        w.plateau_source,
+    )
+    m["plateau_saved_mib"] = metric(
+        f"Memory saved {w.where}",
+        plateau,
+        "MiB",
+        f"Median {w.where} of (pages_sharing + ksm_zero_pages) x page size.",
+        "" if how == w.plateau_source else f"from {how}",
+    )
+    m["peak_saved_mib"] = metric(
+        "Peak memory saved",
+        float(saved.max()) if len(saved) else None,
+        "MiB",
+        "Largest (pages_sharing + ksm_zero_pages) x page size of any sample.",
+    )
+    m["guest_memory_mib"] = metric(
+        "Guest memory" if kind != "processes" else "Process memory",
+        mem_mib,
+        "MiB",
+        "Memory of all guests (or processes) of the workload, as configured.",
+        f"{n} {'processes' if kind == 'processes' else 'guests'}" if n else "",
+    )
+    m["plateau_saved_pct"] = metric(
+        f"Saved, of {noun}",
+        ratio(plateau, mem_mib, 100.0),
+        "%",
+        f"Memory saved {w.where} as a percentage of all {noun}.",
+    )
+    m["ceiling_pct"] = metric(
+        "Ceiling for identical guests",
+        ratio(ceiling, mem_mib, 100.0),
+        "%",
+        "(N-1)/N: what N identical guests save when every page is merged across guests and "
+        "one copy stays (pages repeated inside a guest can push past it).",
+        no_ceiling,
+    )
+    m["plateau_saved_pct_of_ceiling"] = metric(
+        "Saved, of the (N-1)/N ceiling",
+        ratio(plateau, ceiling, 100.0),
+        "%",
+        f"Memory saved {w.where} as a percentage of (N-1)/N of guest memory.",
+        no_ceiling,
+    )
+    return m
+
+
+def _speed(
+    record: Record, w: Windows, saved: pd.Series, plateau: float | None
+) -> dict[str, dict[str, Any]]:
+    """Time to 50% and 90% of the savings, from the samples between KSM on and the start of
+    the plateau, ended by the plateau's own figure: a curve that reaches its plateau within
+    one sample still has a crossing (between that sample and the one before)."""
+    s, m = record.samples, {}
+    usable = plateau is not None and plateau > 0 and w.t_on is not None
+    if usable and w.plateau_start is not None:
+        t_all = s["t"].to_numpy(dtype=float)
+        keep = t_all < w.plateau_start
+        t = np.append(t_all[keep], w.plateau_start)
+        y = np.append(saved.to_numpy(dtype=float)[keep], plateau)
+    for frac in (50, 90):
+        when, note = None, ""
+        if usable and w.plateau_start is not None:
+            hit = crossing_time(t, y, plateau * frac / 100, w.t_on)  # type: ignore[operator]
+            when = hit - w.t_on if hit is not None else None  # type: ignore[operator]
+        elif plateau is not None and plateau <= 0:
+            note = "nothing was saved"
+        else:
+            note = f"no savings window: {w.plateau_source}"
+        m[f"time_to_{frac}pct_s"] = metric(
+            f"Time to {frac}% of the savings",
+            when,
+            "s",
+            f"Seconds from KSM on until memory saved first reached {frac}% of the savings "
+            f"{w.where} (linear between samples).",
+            note,
+        )
+    return m
+
+
+def _cost(record: Record, w: Windows, plateau: float | None) -> dict[str, dict[str, Any]]:
+    s, m = record.samples, {}
+    to_plateau = ksmd_cpu_seconds(s, w.t_on, w.plateau_start) if w.t_on is not None else None
+    source = (record.meta.extra("sampler") or {}).get("ksmd_cpu_source")
+    m["ksmd_cpu_s"] = metric(
+        "ksmd CPU, whole run",
+        ksmd_cpu_seconds(s),
+        "CPU s",
+        "Sum over samples of ksmd's CPU percent / 100 x seconds since the previous sample.",
+        f"ksmd's CPU time from {source}" if source else "",
+    )
+    m["ksmd_cpu_to_plateau_s"] = metric(
+        "ksmd CPU to reach the savings",
+        to_plateau,
+        "CPU s",
+        f"ksmd CPU seconds from KSM on to the savings {w.where}.",
+    )
+    m["ksmd_cpu_plateau_pct"] = metric(
+        f"ksmd CPU {w.cost_what}",
+        ksmd_cpu_mean(s, w.cost_start, w.cost_end),
+        "% of one CPU",
+        f"ksmd's average CPU use {w.cost_what}, weighted by time.",
+    )
+    m["mib_per_cpu_s"] = metric(
+        "Saved per ksmd CPU second",
+        ratio(plateau, to_plateau),
+        "MiB/CPU s",
+        f"Memory saved {w.where} / ksmd CPU seconds spent from KSM on to get there (a ratio "
+        "within one run; compare averages it over repeats).",
+    )
+    profit = column(s, "general_profit")
+    m["general_profit_mib"] = metric(
+        f"general_profit {w.where}",
+        plateau_value(record, profit / MIB, w) if profit is not None else None,
+        "MiB",
+        "Kernel's own net saving: (pages_sharing + ksm_zero_pages) x page size minus KSM's "
+        f"rmap_item metadata; median {w.where}.",
+        "" if profit is not None else "this kernel has no general_profit (added in 6.1)",
+    )
+    m["unmerge_s"] = metric(
+        "Unmerge time",
+        unmerge_seconds(record),
+        "s",
+        "Seconds the write of 2 to /sys/kernel/mm/ksm/run took: breaking every merged page.",
+    )
+    return m
+
+
+def _scanning(record: Record, w: Windows) -> dict[str, dict[str, Any]]:
+    s, m = record.samples, {}
+    rate = effective_scan_rate(record, w)
+    configured, conf_note = configured_scan_rate(record, w)
+    if rate is not None:
+        why = ""
+    elif column(s, "pages_scanned") is None:
+        why = "this kernel has no pages_scanned (added in 6.7)"
+    else:
+        why = "fewer than two samples in the merge window"
+    m["scan_rate"] = metric(
+        "Effective scan rate",
+        rate,
+        "pages/s",
+        "Growth of pages_scanned over the merge window / its length.",
+        why,
+    )
+    m["scan_rate_configured"] = metric(
+        "Configured scan rate",
+        configured,
+        "pages/s",
+        "pages_to_scan / (sleep_millisecs / 1000): ksmd's rate if scanning took no time.",
+        conf_note,
+    )
+    m["scan_rate_pct"] = metric(
+        "Effective of configured",
+        ratio(rate, configured, 100.0),
+        "%",
+        "Effective scan rate as a percentage of the configured one.",
+    )
+    full = column(s, "full_scans")
+    m["full_scans"] = metric(
+        "Full scans",
+        _delta(s, full, w.t_on, w.merge_end) if full is not None else None,
+        "",
+        "Passes ksmd completed over all mergeable memory during the merge window.",
+    )
+    return m
+
+
+def aligned_curve(record: Record, a: Analysis | None = None) -> pd.DataFrame:
+    """Memory saved (MiB) and ksmd CPU (%) against seconds since KSM went on."""
+    s = record.samples
+    a = a or analyse(record)
+    t_on = a.windows.t_on if a.windows.t_on is not None else 0.0
+    frame = pd.DataFrame({"t": s["t"].astype(float) - t_on})
+    frame["saved_mib"] = saved_pages(s) * page_size(record) / MIB
+    cpu = column(s, "ksmd_cpu")
+    frame["ksmd_cpu"] = cpu if cpu is not None else np.nan
+    return frame

@@ -8,10 +8,10 @@ does as well for less or better for the same: the front is where to pick tunable
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kvmksm.commands.compare import Group
+from kvmksm.analysis.grouping import SOFT, Group, short_name, show
+from kvmksm.analysis.stats import mean_sd
 
 COST = "ksmd_cpu_to_plateau_s"
 BENEFIT = "plateau_saved_mib"
@@ -34,7 +34,6 @@ def cost_benefit(groups: Sequence[Group]) -> dict[str, Any] | None:
     """Each group's mean cost and benefit, the front marked among groups that ran the same
     workload on the same kernel and host (only their knobs differ); None when no such set
     has two groups with both figures."""
-    from kvmksm.commands.compare import SOFT, mean_sd, short_name, show
 
     def same_but_knobs(g: Group) -> tuple[tuple[str, str], ...]:
         return tuple(
@@ -72,61 +71,3 @@ def cost_benefit(groups: Sequence[Group]) -> dict[str, Any] | None:
         "sets": len(sets),
         "points": points,
     }
-
-
-def pareto_chart(data: dict[str, Any]) -> str:
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    from kvmksm.views import charts, plots
-
-    pts = data["points"]
-
-    def build() -> Figure:
-        fig = Figure(figsize=(charts.WIDTH * 0.75, 5.0), layout="constrained")
-        ax = fig.subplots()
-        for k in sorted({p["set"] for p in pts}):
-            mine = [p for p in pts if p["set"] == k]
-            colour = plots.colour(k)
-            front = sorted((p for p in mine if p["front"]), key=lambda p: p["x"])
-            name = mine[0]["set_label"]
-            ax.plot(
-                [p["x"] for p in front],
-                [p["y"] for p in front],
-                color=colour,
-                lw=1.4,
-                ls="--",
-                zorder=2,
-                label=f"Pareto front ({name})" if data["sets"] > 1 else "Pareto front",
-            )
-            for p in mine:
-                ax.errorbar(
-                    p["x"],
-                    p["y"],
-                    xerr=p["x_sd"] or 0,
-                    yerr=p["y_sd"] or 0,
-                    fmt="o",
-                    ms=8,
-                    color=colour,
-                    mfc=colour if p["front"] else "white",
-                    mew=1.6,
-                    capsize=3,
-                    zorder=3,
-                )
-                ax.annotate(
-                    p["group"],  # the table below says what each letter is
-                    (p["x"], p["y"]),
-                    xytext=(6, 6),
-                    textcoords="offset points",
-                    fontsize=8,
-                )
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel(data["x_label"] + " (lower is better)")
-        ax.set_ylabel(data["y_label"] + " (higher is better)")
-        ax.yaxis.set_major_formatter(FuncFormatter(plots.thousands))
-        ax.set_title("Cost against benefit: filled points are on the Pareto front")
-        ax.legend(loc="lower right", fontsize=8)
-        return fig
-
-    return plots.render("pareto", "Memory saved against ksmd CPU", build)

@@ -198,7 +198,7 @@ def _guest_rows(
     ps = page_size(record)
     g = _global_plateau(record, w)
     saving_share = ratio(g["sharing"], g["merged"])  # merged mappings that are savings
-    memory = {g["name"]: g.get("memory_kb") for g in record.meta.get("guests") or []}
+    memory = {g.name: g.memory_kb for g in record.meta.guests}
 
     def value(key: str, i: int) -> float | None:
         arr = medians.get(key)

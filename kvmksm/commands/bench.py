@@ -9,19 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
+from kvmksm.analysis.metrics import compute_metrics
 from kvmksm.errors import Interrupted, WorkloadFailed
 from kvmksm.host.facts import host_facts
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm, ksm_processes
 from kvmksm.host.state import ActiveRun, HostLock
-from kvmksm.results.record import RunRecord
+from kvmksm.progress import Progress, Silent
+from kvmksm.results.events import Kind
+from kvmksm.results.record import RunRecord, load_record
 from kvmksm.sampling.sampler import Sampler
-from kvmksm.scenario import load as scenario_mod
 from kvmksm.scenario.model import ProcessesWorkload, Scenario
 from kvmksm.signals import signals_ignored, signals_raise
+from kvmksm.virt import libvirt_missing
 from kvmksm.workloads.base import RunContext, Workload
+from kvmksm.workloads.processes import ProcessesRun
 
 
 @dataclass
@@ -43,10 +45,11 @@ def exit_code(status: str) -> int:
 
 def make_workload(sc: Scenario, connect: str | None = None) -> Workload:
     if isinstance(sc.workload, ProcessesWorkload):
-        from kvmksm.workloads.processes import ProcessesRun
-
         return ProcessesRun(sc.workload)
-    from kvmksm.workloads.vms import VmsRun  # libvirt is only needed for VM scenarios
+    try:  # libvirt-python is an optional extra, imported only for VM scenarios
+        from kvmksm.workloads.vms import VmsRun
+    except ImportError as e:
+        raise libvirt_missing(e, "a vms scenario") from None
 
     return VmsRun(sc.workload, connect=connect)
 
@@ -57,11 +60,11 @@ def bench(
     scenario_file: str | None = None,
     connect: str | None = None,
     fs: HostFS | None = None,
-    console: Console | None = None,
+    progress: Progress | None = None,
     workload: Workload | None = None,
 ) -> BenchResult:
     fs = fs or HostFS()
-    console = console or Console(stderr=True)
+    progress = progress or Silent()
     ksm = Ksm(fs)
     # Everything below until the lock only reads the host.
     ksm.require_writable()
@@ -71,7 +74,7 @@ def bench(
     lock = HostLock()
     lock.acquire(f"scenario {sc.name}")
     try:
-        return _run_locked(sc, output, scenario_file, fs, ksm, console, workload)
+        return _run_locked(sc, output, scenario_file, fs, ksm, progress, workload)
     finally:
         lock.release()
 
@@ -82,12 +85,12 @@ def _run_locked(
     scenario_file: str | None,
     fs: HostFS,
     ksm: Ksm,
-    console: Console,
+    progress: Progress,
     workload: Workload,
 ) -> BenchResult:
     record = RunRecord.create(output, sc.model_dump(mode="json"), scenario_file)
     active = ActiveRun()
-    ctx = RunContext(fs=fs, ksm=ksm, record=record, active=active, scenario=sc, console=console)
+    ctx = RunContext(fs=fs, ksm=ksm, record=record, active=active, scenario=sc, progress=progress)
     saved = ksm.read_knobs()
     active.start(record.dir, saved)
     record.update(host=host_facts(fs), knobs_before=saved, counters_before=ksm.read_counters())
@@ -95,14 +98,14 @@ def _run_locked(
     sampler: Sampler | None = None
     with signals_raise():
         try:
-            record.event("run_start", f"scenario {sc.name}")
+            record.event(Kind.RUN_START, f"scenario {sc.name}")
             _note_other_users(ctx)
             if ksm.read("run") != 0:
                 ksm.write("run", 0)  # the workload decides when ksmd runs
-            record.event("ksm_off", "run=0")
+            record.event(Kind.KSM_OFF, "run=0")
             ksm.set_knobs(sc.knobs)
             record.update(knobs_during=ksm.read_knobs())
-            record.event("knobs_set", ", ".join(f"{k}={v}" for k, v in sc.knobs.items()))
+            record.event(Kind.KNOBS_SET, ", ".join(f"{k}={v}" for k, v in sc.knobs.items()))
             sampler = Sampler(fs, record, sc.sample_interval, workload.probes())
             sampler.start()
             workload.run(ctx)
@@ -110,22 +113,28 @@ def _run_locked(
         except (KeyboardInterrupt, Interrupted) as e:
             status = "interrupted"
             error = "interrupted by SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
-            record.event("interrupted", error)
+            record.event(Kind.INTERRUPTED, error)
         except WorkloadFailed as e:
             status, error = "failed", str(e)
-            record.event("error", error)
+            record.event(Kind.ERROR, error)
         except Exception as e:
             status, error = "error", f"{type(e).__name__}: {e}"
-            record.event("error", error, traceback=traceback.format_exc())
+            record.event(Kind.ERROR, error, traceback=traceback.format_exc())
         finally:
             # Teardown must finish even if the user presses Ctrl-C again.
             with signals_ignored():
                 problems = _teardown(ctx, workload, sampler, saved)
                 if problems:
-                    record.event("teardown_problems", "; ".join(problems))
+                    record.event(Kind.TEARDOWN_PROBLEMS, "; ".join(problems))
                     if status == "passed":
                         status, error = "error", "teardown: " + "; ".join(problems)
-                record.event("run_end", status)
+                if record.write_error and status != "interrupted":
+                    # The figures may be incomplete: never a silent "passed".
+                    status, error = (
+                        "error",
+                        f"the record could not be written: {record.write_error}",
+                    )
+                record.event(Kind.RUN_END, status)
                 record.finish(status, error)
                 active.finish()
                 _store_metrics(record)
@@ -136,12 +145,9 @@ def _store_metrics(record: RunRecord) -> None:
     """Derived metrics go into run.json too; they are a pure function of the record, so a
     failure here loses nothing (the report recomputes them)."""
     try:
-        from kvmksm.analysis.metrics import compute_metrics
-        from kvmksm.results.record import load_record
-
         record.update(metrics=compute_metrics(load_record(record.dir)))
     except Exception as e:
-        record.event("metrics_error", f"{type(e).__name__}: {e}")
+        record.event(Kind.METRICS_ERROR, f"{type(e).__name__}: {e}")
 
 
 def _note_other_users(ctx: RunContext) -> None:
@@ -155,8 +161,8 @@ def _note_other_users(ctx: RunContext) -> None:
         f"other processes have memory registered with KSM: {names}{more}; the host-wide "
         "counters include their pages, so exact expectations may not hold"
     )
-    ctx.record.event("other_ksm_users", msg, processes=others)
-    ctx.console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
+    ctx.record.event(Kind.OTHER_KSM_USERS, msg, processes=others)
+    ctx.progress.warn(msg)
 
 
 def _teardown(
@@ -166,8 +172,8 @@ def _teardown(
     if sampler is not None:
         sampler.stop()
         if sampler.errors:
-            ctx.record.event("sampler_errors", "; ".join(sampler.errors[:5]))
-    ctx.record.event("teardown", "undoing what the run created")
+            ctx.record.event(Kind.SAMPLER_ERRORS, "; ".join(sampler.errors[:5]))
+    ctx.record.event(Kind.TEARDOWN, "undoing what the run created")
     try:
         problems += workload.teardown(ctx)
     except Exception as e:  # teardown must go on to restore the knobs
@@ -175,7 +181,7 @@ def _teardown(
     try:
         drain(ctx)
     except Exception as e:  # the knobs must still be restored
-        ctx.record.event("drain_failed", str(e))
+        ctx.record.event(Kind.DRAIN_FAILED, str(e))
     problems += ctx.ksm.restore(saved)
     after = ctx.ksm.read_knobs()
     ctx.record.update(knobs_after=after)
@@ -183,7 +189,7 @@ def _teardown(
     if diff:
         problems.append(f"knobs not restored: {diff}")
     else:
-        ctx.record.event("knobs_restored", f"{len(saved)} knobs as before")
+        ctx.record.event(Kind.KNOBS_RESTORED, f"{len(saved)} knobs as before")
     return problems
 
 
@@ -208,16 +214,11 @@ def drain(ctx: RunContext, timeout: float = DRAIN_TIMEOUT, poll: float = 0.02) -
         waited = round(time.monotonic() - t0, 3)
         if merged <= base or c.get("full_scans", 0) >= scans0 + 2:
             why = "as before the run" if merged <= base else "after 2 full scans"
-            ctx.record.event("drained", f"{merged} merged pages, {why}", seconds=waited)
+            ctx.record.event(Kind.DRAINED, f"{merged} merged pages, {why}", seconds=waited)
             return
         if waited > timeout:
             ctx.record.event(
-                "drain_timeout", f"{merged} merged pages left after {timeout:g}s", seconds=waited
+                Kind.DRAIN_TIMEOUT, f"{merged} merged pages left after {timeout:g}s", seconds=waited
             )
             return
         time.sleep(poll)
-
-
-def load_scenario(arg: str | None) -> tuple[Scenario, str]:
-    path = scenario_mod.resolve_path(arg)
-    return scenario_mod.load(path), str(path)

@@ -77,7 +77,7 @@ def _kill_cgroup(path: Path) -> None:
 
 
 def _sweep_libvirt(uri: str | None, dry_run: bool) -> tuple[list[str], list[str]]:
-    try:
+    try:  # libvirt-python is an optional extra: without it there is no libvirt to sweep
         from kvmksm.virt.cleanup import find_leftovers, remove_leftovers
         from kvmksm.virt.conn import open_connection, resolve_uri
     except ImportError:

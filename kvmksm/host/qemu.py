@@ -27,20 +27,45 @@ def pid_dirs() -> list[str]:
     return dirs
 
 
+def guest_name(cmdline: bytes) -> str | None:
+    """The guest name of a QEMU command line (NUL-separated argv): ``-name guest=NAME,...`` or
+    ``-name NAME``; '' for a QEMU without -name; None when it is not QEMU at all (``kvm`` is
+    QEMU too, as Proxmox names it)."""
+    argv = cmdline.decode(errors="replace").rstrip("\0").split("\0")
+    exe = os.path.basename(argv[0]) if argv else ""
+    if "qemu" not in exe and exe != "kvm":
+        return None
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-name", "--name"):
+            value = argv[i + 1].removeprefix("guest=")
+            # -name guest=NAME,debug-threads=on ; a ',' inside NAME is written ',,'
+            return value.replace(",,", "\0").split(",")[0].replace("\0", ",")
+    return ""
+
+
 def names_guest(cmdline: bytes, name: str) -> bool:
     """Whether a QEMU argv (NUL-separated) is the one running guest ``name``."""
-    argv = cmdline.decode(errors="replace").split("\0")
-    if not argv or "qemu" not in os.path.basename(argv[0]):
-        return False
-    for i, arg in enumerate(argv[:-1]):
-        if arg == "-name":
-            value = argv[i + 1]
-            # -name guest=NAME,debug-threads=on ; a ',' inside NAME is written ',,'
-            if value.startswith("guest="):
-                value = value[len("guest=") :]
-            parts = value.replace(",,", "\0").split(",")
-            return parts[0].replace("\0", ",") == name
-    return False
+    return guest_name(cmdline) == name
+
+
+def qemu_processes(fs: HostFS) -> dict[str, int]:
+    """{guest name: pid} of every QEMU process in /proc, for hosts without libvirt. A QEMU
+    without -name is ``qemu-<pid>``; two with one name are kept apart as ``name#<pid>``."""
+    out: dict[str, int] = {}
+    try:
+        entries = fs.listdir("proc")
+    except OSError:
+        return out
+    for entry in sorted((e for e in entries if e.isdigit()), key=int):
+        try:
+            name = guest_name(fs.path(f"proc/{entry}/cmdline").read_bytes())
+        except OSError:
+            continue
+        if name is None:
+            continue
+        name = name or f"qemu-{entry}"
+        out[f"{name}#{entry}" if name in out else name] = int(entry)
+    return out
 
 
 def find_qemu_pid(name: str, fs: HostFS | None = None) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmksm.errors import LockedError, UserError
+from kvmksm.host.fs import HostFS
 
 LOCK_NAME = "bench.lock"
 ACTIVE_NAME = "active.json"
@@ -112,3 +113,32 @@ class ActiveRun:
             return json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+
+def bench_holder(directory: Path | None = None) -> str | None:
+    """What the bench lock's holder wrote, when a ``kvmksm bench`` holds it; else None.
+
+    The kernel's lock table (/proc/locks) tells whether the flock is held without taking it:
+    even a shared lock for a moment would make a bench starting just then refuse to run.
+    The lock is on the real host whatever KVMKSM_ROOT says, so this reads the real /proc.
+    """
+    path = (directory or state_dir()) / LOCK_NAME
+    try:
+        st = os.stat(path)
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    try:
+        locks: str | None = HostFS("/").read("proc/locks")
+    except OSError:
+        locks = None
+    if locks is not None:
+        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        if not any("FLOCK" in ln.split() and ident in ln.split() for ln in locks.splitlines()):
+            return None
+    elif not text:  # no lock table: a released lock leaves the file empty
+        return None
+    active = ActiveRun.load(directory)
+    if active and active.get("run_dir"):
+        text += f", record {active['run_dir']}"
+    return text or "holder unknown"

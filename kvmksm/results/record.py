@@ -6,16 +6,18 @@ Layout (format 1):
                   host memory (kB, /proc/meminfo names), cow_ksm (/proc/vmstat)
   vm_samples.csv  VM runs: one row per guest per tick: t, domain, pid, ksm_stat fields, rss_kb
   report.html     written from the above
+
+This module is the only one that knows these names and the format number: RunRecord writes a
+record, load_record reads one (migrating older formats first), write_record lays out a whole
+record at once (tests, generators), annotate adds fields to a finished one.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,53 +25,61 @@ from typing import Any
 
 import pandas as pd
 
+from kvmksm import __version__
 from kvmksm.errors import UserError
+from kvmksm.results.events import Kind
+from kvmksm.results.files import CsvAppender, OutputError, read_json, write_json
+from kvmksm.results.meta import Check, Event, RunMeta, parse_meta
 
 FORMAT = 1
 RUN_JSON = "run.json"
 SAMPLES = "samples.csv"
 VM_SAMPLES = "vm_samples.csv"
 REPORT = "report.html"
+CONSOLES = "consoles"  # guests' serial console logs, copied before teardown deletes them
+
+# Upgrades of older run.json documents: MIGRATIONS[n] turns format n into format n + 1.
+# Every format ever written stays readable; tests/fixtures/records holds one of each.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class CsvAppender:
-    """Appends rows and flushes each one, so a crash loses at most the row being written."""
-
-    def __init__(self, path: Path, columns: list[str]) -> None:
-        self.path = path
-        self.columns = columns
-        self._f = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
-        self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="ignore")
-        self._w.writeheader()
-        self._f.flush()
-        self.rows = 0
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._w.writerow(row)
-        self._f.flush()
-        self.rows += 1
-
-    def write_many(self, rows: list[dict[str, Any]]) -> None:
-        self._w.writerows(rows)
-        self._f.flush()
-        self.rows += len(rows)
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+def migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A run.json document brought up to FORMAT through MIGRATIONS, one version at a time."""
+    version = data.get("format")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{where}: no integer 'format': not a kvmksm run record")
+    if version > FORMAT:
+        raise UserError(
+            f"{where}: record format {version} is newer than this kvmksm understands "
+            f"({FORMAT}); upgrade kvmksm"
+        )
+    while version < FORMAT:
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise UserError(f"{where}: record format {version} can no longer be read")
+        data = step(dict(data))
+        version += 1
+        data["format"] = version
+    return data
 
 
+# -- writing as a run goes ------------------------------------------------------------
 class RunRecord:
-    """A run directory being written. run.json is rewritten atomically on every change."""
+    """A run directory being written. run.json is rewritten atomically on every change.
+
+    A write that fails (a full disk) never interrupts the run or its teardown: the data stays
+    in memory, the next change tries again, and `write_error` says what went wrong so the
+    run can end as failed with that reason."""
 
     def __init__(self, directory: Path, data: dict[str, Any]) -> None:
         self.dir = directory
         self.data = data
         self.t0 = time.monotonic()
+        self.write_error: str | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -77,21 +87,11 @@ class RunRecord:
         cls, output: Path, scenario: dict[str, Any], scenario_file: str | None, kind: str = "bench"
     ) -> RunRecord:
         name = scenario.get("name") or "run"
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        base = Path(output) / name
-        directory = base / f"{stamp}-{socket.gethostname()}"
-        n = 1
-        while directory.exists():
-            n += 1
-            directory = base / f"{stamp}-{socket.gethostname()}-{n}"
-        try:
-            directory.mkdir(parents=True)
-        except OSError as e:
-            raise UserError(f"{directory}: cannot create the run record: {e.strerror}") from None
+        directory = new_dir(Path(output) / name, "")
         data: dict[str, Any] = {
             "format": FORMAT,
             "kind": kind,
-            "tool": {"name": "kvmksm", "version": _version()},
+            "tool": {"name": "kvmksm", "version": __version__},
             "status": "running",
             "scenario_file": scenario_file,
             "scenario": scenario,
@@ -111,30 +111,24 @@ class RunRecord:
         }
         rec = cls(directory, data)
         rec.save()
+        if rec.write_error:
+            raise OutputError(rec.write_error)
         return rec
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 4)
 
-    def event(self, kind: str, detail: str = "", **extra: Any) -> dict[str, Any]:
-        ev = {"t": self.now(), "time": utc_now(), "kind": kind, "detail": detail, **extra}
+    def event(self, kind: Kind, detail: str = "", **extra: Any) -> dict[str, Any]:
+        ev = {"t": self.now(), "time": utc_now(), "kind": str(kind), "detail": detail, **extra}
         with self._lock:
             self.data["events"].append(ev)
             self._save_locked()
         return ev
 
     def check(self, name: str, expected: Any, observed: Any, passed: bool, **extra: Any) -> None:
+        entry = {"name": name, "expected": expected, "observed": observed, "passed": passed}
         with self._lock:
-            self.data["checks"].append(
-                {
-                    "name": name,
-                    "expected": expected,
-                    "observed": observed,
-                    "passed": passed,
-                    "t": self.now(),
-                    **extra,
-                }
-            )
+            self.data["checks"].append(entry | {"t": self.now(), **extra})
             self._save_locked()
 
     def update(self, **fields: Any) -> None:
@@ -147,18 +141,33 @@ class RunRecord:
             self._save_locked()
 
     def _save_locked(self) -> None:
-        tmp = self.dir / (RUN_JSON + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        os.replace(tmp, self.dir / RUN_JSON)
+        try:
+            write_json(self.dir / RUN_JSON, self.data)
+        except OutputError as e:
+            self.write_error = self.write_error or str(e)
 
     def csv(self, name: str, columns: list[str]) -> CsvAppender:
         with self._lock:
-            key = name.removesuffix(".csv")
-            self.data["files"][key] = name
+            self.data["files"][name.removesuffix(".csv")] = name
         return CsvAppender(self.dir / name, columns)
 
     def finish(self, status: str, error: str | None = None) -> None:
         self.update(status=status, error=error, finished=utc_now(), duration_s=self.now())
+
+
+def new_dir(parent: Path, suffix: str) -> Path:
+    """parent/<UTC time>-<host><suffix>, made fresh (-2, -3 ... when the second is taken)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{stamp}-{socket.gethostname()}"
+    directory, n = parent / f"{base}{suffix}", 1
+    while directory.exists():
+        n += 1
+        directory = parent / f"{base}{suffix}-{n}"
+    try:
+        directory.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"{directory}: cannot create the results folder: {e.strerror}") from None
+    return directory
 
 
 # -- reading --------------------------------------------------------------------------
@@ -167,38 +176,47 @@ class Record:
     """A run record read back: what analysis, reports, compare and plan take."""
 
     dir: Path
-    meta: dict[str, Any]
+    meta: RunMeta
     samples: pd.DataFrame
     vm_samples: pd.DataFrame | None
 
     @property
-    def events(self) -> list[dict[str, Any]]:
-        return list(self.meta.get("events", []))
+    def events(self) -> list[Event]:
+        return self.meta.events
 
     @property
-    def checks(self) -> list[dict[str, Any]]:
-        return list(self.meta.get("checks", []))
+    def checks(self) -> list[Check]:
+        return self.meta.checks
 
-    def event_time(self, kind: str) -> float | None:
+    @property
+    def name(self) -> str:
+        """parent/dir: enough to tell records apart in a table."""
+        return f"{self.dir.parent.name}/{self.dir.name}"
+
+    def event_time(self, kind: Kind) -> float | None:
         """t of the first event of this kind, or None."""
-        return next((e["t"] for e in self.events if e["kind"] == kind), None)
+        return next((e.t for e in self.events if e.kind == kind), None)
+
+
+def is_record(path: Path) -> bool:
+    return (path / RUN_JSON).is_file()
+
+
+def load_meta(directory: str | Path) -> RunMeta:
+    d = Path(directory)
+    where = str(d / RUN_JSON)
+    if d.is_file():
+        hint = " (give the folder that holds it)" if d.name == RUN_JSON else ""
+        raise UserError(f"{d}: a file, not a run record folder{hint}")
+    data = read_json(d / RUN_JSON, "run record")
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object: not a kvmksm run record")
+    return parse_meta(migrate(data, where), where)
 
 
 def load_record(directory: str | Path) -> Record:
     d = Path(directory)
-    try:
-        meta = json.loads((d / RUN_JSON).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{d}: not a kvmksm run record (no {RUN_JSON})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d / RUN_JSON}:{e.lineno}: not valid JSON: {e.msg}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
-        raise UserError(f"{d / RUN_JSON}: no integer 'format': not a kvmksm run record")
-    if meta["format"] > FORMAT:
-        raise UserError(
-            f"{d / RUN_JSON}: record format {meta['format']} is newer than this kvmksm "
-            f"understands ({FORMAT}); upgrade kvmksm"
-        )
+    meta = load_meta(d)
     samples = _read_csv(d / SAMPLES)
     # Guest names repeat on every row: categories cut a day-long record's load time.
     vm = _read_csv(d / VM_SAMPLES, {"domain": "category"}) if (d / VM_SAMPLES).exists() else None
@@ -206,15 +224,44 @@ def load_record(directory: str | Path) -> Record:
 
 
 def _read_csv(path: Path, dtype: dict[str, str] | None = None) -> pd.DataFrame:
+    empty = pd.DataFrame({"t": pd.Series(dtype=float)})
     try:
-        return pd.read_csv(path, dtype=dtype)
-    except FileNotFoundError:
-        return pd.DataFrame({"t": pd.Series(dtype=float)})
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame({"t": pd.Series(dtype=float)})
+        frame = pd.read_csv(path, dtype=dtype)  # type: ignore[arg-type]
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return empty
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not a readable samples file: {e}") from None
+    if "t" not in frame.columns:
+        raise UserError(f"{path}: no 't' column: not a kvmksm samples file")
+    return frame
 
 
-def _version() -> str:
-    from kvmksm import __version__
+# -- whole records and changes to finished ones -----------------------------------------
+def write_record(
+    directory: Path,
+    meta: dict[str, Any],
+    samples: pd.DataFrame,
+    vm_samples: pd.DataFrame | None = None,
+) -> Path:
+    """Lay out a complete record at once (tests and generators); meta is validated first, so
+    a record that load_record could not read is never written."""
+    directory = Path(directory)
+    meta = dict(meta, format=meta.get("format", FORMAT))
+    files = {"samples": SAMPLES} | ({"vm_samples": VM_SAMPLES} if vm_samples is not None else {})
+    meta["files"] = files | dict(meta.get("files") or {})
+    parse_meta(migrate(dict(meta), str(directory / RUN_JSON)), str(directory / RUN_JSON))
+    directory.mkdir(parents=True, exist_ok=True)
+    samples.to_csv(directory / SAMPLES, index=False)
+    if vm_samples is not None:
+        vm_samples.to_csv(directory / VM_SAMPLES, index=False)
+    write_json(directory / RUN_JSON, meta)
+    return directory
 
-    return __version__
+
+def annotate(directory: Path, **fields: Any) -> RunMeta:
+    """Add or replace top-level fields of a finished record's run.json; returns it read back."""
+    path = Path(directory) / RUN_JSON
+    data = read_json(path, "run record")
+    data.update(fields)
+    write_json(path, data)
+    return load_meta(directory)

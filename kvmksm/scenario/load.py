@@ -4,6 +4,8 @@ kvmksm/scenarios/ (package data), so a bare name works wherever kvmksm is instal
 
 from __future__ import annotations
 
+import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ DEFAULT_SCENARIO = "tiny3.yaml"
 
 
 def resolve_path(arg: str | None) -> Path:
-    """A scenario argument: a path, or a bare name found in the bundled scenarios/."""
+    """A scenario argument: a path, or a bundled scenario by name (``tiny3``, ``tiny3.yaml``,
+    or ``scenarios/tiny3.yaml`` as the README writes it, from any folder)."""
     if arg is None:
         return SCENARIO_DIR / DEFAULT_SCENARIO
     if arg == "-":
@@ -36,17 +39,24 @@ def resolve_path(arg: str | None) -> Path:
     p = Path(arg)
     if p.exists():
         return p
-    for cand in (SCENARIO_DIR / arg, SCENARIO_DIR / f"{arg}.yaml"):
-        if cand.exists():
+    name = p.name if p.parent == Path("scenarios") else arg
+    for cand in (SCENARIO_DIR / name, SCENARIO_DIR / f"{name}.yaml"):
+        if cand.is_file():
             return cand
-    raise UserError(f"{arg}: no such scenario file")
+    bundled = ", ".join(sorted(q.stem for q in SCENARIO_DIR.glob("*.yaml")))
+    raise UserError(f"{arg}: no such scenario file (bundled scenarios: {bundled})")
+
+
+def load_arg(arg: str | None) -> tuple[Scenario, str]:
+    """The scenario a command-line argument names (a file, or a bundled name; None for the
+    default), and the path it was read from."""
+    path = resolve_path(arg)
+    return load(path), str(path)
 
 
 def load(path: str | Path) -> Scenario:
     path = Path(path)
     if str(path) == "-":
-        import sys
-
         return loads(sys.stdin.read(), "<stdin>", default_name="stdin")
     try:
         text = path.read_text()
@@ -247,8 +257,6 @@ _TAGGED = {
 def _inner_model(annotation: Any, tag: str | None) -> Any:
     if tag is not None:
         return _TAGGED.get(tag)
-    import typing
-
     stack = [annotation]
     while stack:
         a = stack.pop()

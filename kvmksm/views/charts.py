@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
+from kvmksm.analysis.grouping import Group
+from kvmksm.analysis.metrics import aligned_curve
 from kvmksm.analysis.per_guest import VmAnalysis, row_sums
 from kvmksm.analysis.windows import MIB, Windows, column, saved_pages
+from kvmksm.results.meta import Event
 
 # Figures are built with Figure() and saved straight to SVG, never shown; Agg keeps a caller's
 # later pyplot import from looking for a display.
@@ -129,6 +132,16 @@ def reduce_mean(x: np.ndarray, ys: np.ndarray, buckets: int = STACK_BUCKETS):
 
 
 # -- helpers --------------------------------------------------------------------------
+def thousands(v: float, _pos: object = None) -> str:
+    """Axis tick labels with thousands separators."""
+    return f"{v:,.0f}" if abs(v) >= 10 or v == int(v) else f"{v:,.1f}"
+
+
+def palette(i: int) -> str:
+    """The i-th colour of the palette every chart shares (guests, groups, plans)."""
+    return GUEST_COLOURS[i % len(GUEST_COLOURS)]
+
+
 def time_scale(t_max: float) -> tuple[float, str]:
     if t_max <= 900:
         return 1.0, "s"
@@ -165,7 +178,7 @@ class Frame:
 def _frame(
     title: str,
     t: np.ndarray,
-    events: Sequence[dict[str, Any]],
+    events: Sequence[Event],
     w: Windows | None,
     height: float,
     rows: int = 1,
@@ -196,24 +209,24 @@ def _legend(frame: Frame, handles: list[Any]) -> Figure:
     return frame.fig
 
 
-def _event_lines(ax: Axes, events: Sequence[dict[str, Any]], scale: float) -> None:
+def _event_lines(ax: Axes, events: Sequence[Event], scale: float) -> None:
     for e in events:
-        style = EVENTS.get(e["kind"])
+        style = EVENTS.get(e.kind)
         if style is not None:
             _, colour, ls = style
-            ax.axvline(e["t"] / scale, color=colour, ls=ls, lw=1.0, alpha=0.8, zorder=1)
+            ax.axvline(e.t / scale, color=colour, ls=ls, lw=1.0, alpha=0.8, zorder=1)
 
 
-def _event_label(e: dict[str, Any]) -> str:
-    label = EVENTS[e["kind"]][0]
-    if e["kind"] == "round_filled" and isinstance(e.get("step"), int):
-        return f"round {e['step'] + 1}"
+def _event_label(e: Event) -> str:
+    label = EVENTS[e.kind][0]
+    if e.kind == "round_filled" and e.step is not None:
+        return f"round {e.step + 1}"
     return label
 
 
 def _event_track(
     ax: Axes,
-    events: Sequence[dict[str, Any]],
+    events: Sequence[Event],
     scale: float,
     xlim: tuple[float, float],
     w: Windows | None,
@@ -229,24 +242,24 @@ def _event_track(
     span = (xlim[1] - xlim[0]) or 1.0
     char = 0.0062 * 11.0 / WIDTH  # width of one label character, as a fraction of the axes
     # Only events inside the time axis: a label outside would stretch the figure's layout.
-    inside = [e for e in events if xlim[0] <= e["t"] / scale <= xlim[1]]
-    keyed = [e for e in inside if e["kind"] in EVENTS]
+    inside = [e for e in events if xlim[0] <= e.t / scale <= xlim[1]]
+    keyed = [e for e in inside if e.kind in EVENTS]
     rank = {k: i for i, k in enumerate(EVENT_PRIORITY)}
-    keyed.sort(key=lambda e: (rank.get(e["kind"], len(rank)), e["t"]))
+    keyed.sort(key=lambda e: (rank.get(e.kind, len(rank)), e.t))
     taken: list[list[tuple[float, float]]] = [[] for _ in range(TRACK_ROWS)]
     for e in keyed:
         label = _event_label(e)
-        x = (e["t"] / scale - xlim[0]) / span
+        x = (e.t / scale - xlim[0]) / span
         width = char * len(label) + 0.012
         a, b = (x, x + width) if x + width <= 1.0 else (x - width, x)
         for row in range(TRACK_ROWS - 1, 0, -1):  # top row first; row 0 is for guest ticks
             if all(b < c or a > d for c, d in taken[row]):
                 taken[row].append((a, b))
-                colour = EVENTS[e["kind"]][1]
-                ax.plot([e["t"] / scale] * 2, [row, row + 0.8], color=colour, lw=1.0)
+                colour = EVENTS[e.kind][1]
+                ax.plot([e.t / scale] * 2, [row, row + 0.8], color=colour, lw=1.0)
                 left = x + width <= 1.0
                 ax.text(
-                    e["t"] / scale + (0.004 if left else -0.004) * span,
+                    e.t / scale + (0.004 if left else -0.004) * span,
                     row + 0.4,
                     label,
                     color=colour,
@@ -256,7 +269,7 @@ def _event_track(
                 )
                 break
     for kind, colour, y in (("guest_started", "#90a4ae", 0.25), ("guest_up", "#1565c0", 0.6)):
-        ts = [e["t"] / scale for e in inside if e["kind"] == kind]
+        ts = [e.t / scale for e in inside if e.kind == kind]
         if ts:
             ax.plot(ts, [y] * len(ts), ls="", marker="|", ms=6, color=colour)
             if kind == "guest_up":
@@ -290,7 +303,8 @@ def to_svg(fig: Figure, name: str, title: str) -> str:
     )
 
 
-def _render(name: str, title: str, build: Any) -> str:
+def render(name: str, title: str, build: Callable[[], Figure]) -> str:
+    """An inline <svg> (ids prefixed by `name`) of the figure `build` makes."""
     with matplotlib.rc_context(RC):
         fig = build()
     return to_svg(fig, name, title)
@@ -299,7 +313,7 @@ def _render(name: str, title: str, build: Any) -> str:
 # -- the charts -----------------------------------------------------------------------
 def merge_chart(
     samples: pd.DataFrame,
-    events: list[dict[str, Any]],
+    events: list[Event],
     w: Windows,
     ps: int,
     zoom: tuple[float, float] | None = None,
@@ -310,7 +324,7 @@ def merge_chart(
     if zoom is not None:
         keep = samples["t"].between(*zoom)
         samples = samples[keep]
-        events = [e for e in events if zoom[0] <= e["t"] <= zoom[1]]
+        events = [e for e in events if zoom[0] <= e.t <= zoom[1]]
         title = "Merge curves, zoomed on the rise after KSM went on"
 
     def build() -> Figure:
@@ -336,7 +350,7 @@ def merge_chart(
         return _legend(f, handles + _plateau_handle(w))
 
     name = "merge" if zoom is None else "merge-zoom"
-    return _render(name, "Merge curves" + (", zoomed" if zoom else ""), build)
+    return render(name, "Merge curves" + (", zoomed" if zoom else ""), build)
 
 
 def zoom_window(samples: pd.DataFrame, w: Windows) -> tuple[float, float] | None:
@@ -351,7 +365,7 @@ def zoom_window(samples: pd.DataFrame, w: Windows) -> tuple[float, float] | None
 
 
 def cost_chart(
-    samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows, configured: float | None
+    samples: pd.DataFrame, events: list[Event], w: Windows, configured: float | None
 ) -> str | None:
     """ksmd CPU percent (with cumulative CPU seconds) and the scan rate against the configured."""
     cpu = column(samples, "ksmd_cpu")
@@ -403,11 +417,11 @@ def cost_chart(
             _count_axis(ax.yaxis)
         return _legend(f, handles + _plateau_handle(w))
 
-    return _render("cost", "ksmd CPU and scan rate", build)
+    return render("cost", "ksmd CPU and scan rate", build)
 
 
 def memory_chart(
-    samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows | None = None
+    samples: pd.DataFrame, events: list[Event], w: Windows | None = None
 ) -> str | None:
     present = [n for n in MEMINFO if n in samples.columns]
     if not present:
@@ -434,11 +448,11 @@ def memory_chart(
             pct.set_ylabel("% of MemTotal")
         return _legend(f, handles)
 
-    return _render("memory", "Host memory", build)
+    return render("memory", "Host memory", build)
 
 
 def vm_chart(
-    samples: pd.DataFrame, events: list[dict[str, Any]], w: Windows, vm: VmAnalysis, ps: int
+    samples: pd.DataFrame, events: list[Event], w: Windows, vm: VmAnalysis, ps: int
 ) -> str | None:
     """Each guest's merged memory stacked, against the global pages_shared + pages_sharing."""
     m = vm.merging
@@ -483,7 +497,7 @@ def vm_chart(
         _count_axis(ax.yaxis)
         return _legend(f, handles + _plateau_handle(w))
 
-    return _render("vms", "Merged memory per guest", build)
+    return render("vms", "Merged memory per guest", build)
 
 
 def _plateau_handle(w: Windows | None) -> list[Any]:
@@ -500,3 +514,186 @@ def _unique(handles: list[Any]) -> list[Any]:
             seen.add(h.get_label())
             out.append(h)
     return out
+
+
+# -- charts of several records: compare, Pareto, plan ---------------------------------------
+def overlay_chart(groups: Sequence[Group]) -> str | None:
+    """Memory saved and ksmd CPU of every run against seconds since KSM went on."""
+
+    curves = [(g, r, aligned_curve(r.record, r.analysis)) for g in groups for r in g.runs]
+    curves = [c for c in curves if len(c[2])]
+    if not curves:
+        return None
+    span = max(float(c["t"].max()) for _, _, c in curves)
+    scale, unit = time_scale(span)
+    has_cpu = any(c["ksmd_cpu"].notna().any() for _, _, c in curves)
+
+    def build() -> Figure:
+        fig = Figure(figsize=(WIDTH, 6.4 if has_cpu else 4.2), layout="constrained")
+        axes = fig.subplots(2 if has_cpu else 1, 1, sharex=True, squeeze=False)[:, 0]
+        colours = {g.id: palette(i) for i, g in enumerate(groups)}
+        seen: set[str] = set()
+        for g, _, c in curves:
+            label = None if g.id in seen else f"{g.id}: {g.label}"
+            seen.add(g.id)
+            x = c["t"].to_numpy(float) / scale
+            xs, ys = reduce_minmax(x, c["saved_mib"].to_numpy(float))
+            axes[0].plot(xs, ys, color=colours[g.id], lw=1.3, alpha=0.85, label=label)
+            if has_cpu:
+                xs, ys = reduce_minmax(x, c["ksmd_cpu"].fillna(0).to_numpy(float))
+                axes[1].plot(xs, ys, color=colours[g.id], lw=1.0, alpha=0.7)
+        for ax in axes:
+            ax.axvline(0, color="#2e7d32", lw=1.0, ls="-")
+            ax.set_ylim(bottom=0)
+        axes[0].set_title("Memory saved, aligned at KSM on (t = 0)")
+        axes[0].set_ylabel("MiB saved")
+        axes[0].yaxis.set_major_formatter(FuncFormatter(thousands))
+        axes[0].legend(loc="lower right")
+        if has_cpu:
+            axes[1].set_ylabel("ksmd, % of one CPU")
+        axes[-1].set_xlabel(f"time since KSM on ({unit})")
+        return fig
+
+    return render("overlay", "Memory saved and ksmd CPU, aligned at KSM on", build)
+
+
+def pareto_chart(data: dict[str, Any]) -> str:
+
+    pts = data["points"]
+
+    def build() -> Figure:
+        fig = Figure(figsize=(WIDTH * 0.75, 5.0), layout="constrained")
+        ax = fig.subplots()
+        for k in sorted({p["set"] for p in pts}):
+            mine = [p for p in pts if p["set"] == k]
+            colour = palette(k)
+            front = sorted((p for p in mine if p["front"]), key=lambda p: p["x"])
+            name = mine[0]["set_label"]
+            ax.plot(
+                [p["x"] for p in front],
+                [p["y"] for p in front],
+                color=colour,
+                lw=1.4,
+                ls="--",
+                zorder=2,
+                label=f"Pareto front ({name})" if data["sets"] > 1 else "Pareto front",
+            )
+            for p in mine:
+                ax.errorbar(
+                    p["x"],
+                    p["y"],
+                    xerr=p["x_sd"] or 0,
+                    yerr=p["y_sd"] or 0,
+                    fmt="o",
+                    ms=8,
+                    color=colour,
+                    mfc=colour if p["front"] else "white",
+                    mew=1.6,
+                    capsize=3,
+                    zorder=3,
+                )
+                ax.annotate(
+                    p["group"],  # the table below says what each letter is
+                    (p["x"], p["y"]),
+                    xytext=(6, 6),
+                    textcoords="offset points",
+                    fontsize=8,
+                )
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(data["x_label"] + " (lower is better)")
+        ax.set_ylabel(data["y_label"] + " (higher is better)")
+        ax.yaxis.set_major_formatter(FuncFormatter(thousands))
+        ax.set_title("Cost against benefit: filled points are on the Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
+        return fig
+
+    return render("pareto", "Memory saved against ksmd CPU", build)
+
+
+def plan_chart(d: dict[str, Any], i: int = 0) -> str:
+    """Memory needed against the guest count, with and without KSM; ksmd's CPU below."""
+
+    f, inp = d["fit"], d["inputs"]
+    m, o = inp["guest_memory_mib"], inp["overhead_mib"]
+    n0, n1 = d["without_ksm"]["max"], d["with_ksm"]["max"]
+    top = max(f["counts"])
+    hi = max(n0, n1 if n1 is not None else 2 * top, top) * 1.15 + 1
+    n = np.linspace(1, hi, 400)
+    saved = (f["b"] + f["a"] * (n - 1)) * m
+    cpu = d["cpu_fits"].get("cpu_pct")
+
+    def build() -> Figure:
+        rows = 2 if cpu else 1
+        fig = Figure(figsize=(WIDTH, 4.6 * rows), layout="constrained")
+        axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+        ax = axes[0]
+        gib = 1024.0
+        ax.plot(n, n * (m + o) / gib, color="#c62828", label="needed without KSM")
+        ax.plot(n, (n * (m + o) - saved) / gib, color="#2e7d32", label="needed with KSM (fit)")
+        ax.axhline(
+            inp["usable_mib"] / gib,
+            color="#212121",
+            ls="--",
+            lw=1.2,
+            label=f"host memory less headroom ({inp['headroom']})",
+        )
+        ax.axhline(
+            inp["host_memory_mib"] / gib, color="#757575", ls=":", lw=1.0, label="host memory"
+        )
+        scale = m / np.array([p_["guest_bytes"] / MIB for p_ in d["points"]])
+        xs = np.array([p_["n"] for p_ in d["points"]], float)
+        ys = (xs * (m + o) - np.array([p_["saved_mib"] for p_ in d["points"]]) * scale) / gib
+        ax.plot(xs, ys, "o", color="#1b5e20", ms=6, label="measured (scaled to the guest size)")
+        for x, colour, text in ((n0, "#c62828", "without"), (n1, "#2e7d32", "with KSM")):
+            if x:
+                ax.axvline(x, color=colour, ls=":", lw=1.2)
+                ax.annotate(
+                    f"{text}: {x}",
+                    (x, inp["usable_mib"] / gib),
+                    xytext=(4, 6),
+                    textcoords="offset points",
+                    color=colour,
+                )
+        for a in axes:
+            a.axvspan(top, hi, color="#9e9e9e", alpha=0.08, lw=0)
+        # x in data, y in axes fractions: stays at the top whatever the y limits become
+        ax.text(
+            top,
+            0.97,
+            "  extrapolated",
+            va="top",
+            color="#616161",
+            transform=ax.get_xaxis_transform(),
+        )
+        # Up to a little past the host: where the lines cross the usable memory is the point.
+        ax.set_ylim(0, max(inp["host_memory_mib"] * 1.3 / gib, float(ys.max()) * 1.1))
+        ax.set_ylabel("memory needed (GiB)")
+        ax.yaxis.set_major_formatter(FuncFormatter(thousands))
+        ax.set_title(f"{d['noun'].capitalize()} that fit ({d['config']})")
+        ax.legend(loc="center left", fontsize=8)
+        if cpu:
+            ax2 = axes[1]
+            cp = [(p_["n"], p_["cpu_pct"]) for p_ in d["points"] if p_["cpu_pct"] is not None]
+            ax2.plot([c[0] for c in cp], [c[1] for c in cp], "o", color="#c62828", label="measured")
+            # ksmd is one thread: the fit is drawn up to 100% of one CPU, where it tops out.
+            # A share falling with N is drawn as the measured mean, as the projection uses.
+            if cpu["c1"] < 0:
+                fitted = np.full_like(n, float(np.mean([c[1] for c in cp])), dtype=float)
+                label = "mean measured (no growth with N)"
+            else:
+                fitted = np.clip(cpu["c0"] + cpu["c1"] * n, 0.0, 100.0)
+                label = "fit (ksmd tops out at 100%)"
+            ax2.plot(n, fitted, color="#c62828", lw=1.2, label=label)
+            at = d["with_ksm"]["ksmd_cpu_pct"]
+            if n1 and at is not None:
+                ax2.plot([n1], [at], "s", color="#2e7d32", label=f"at {n1} with KSM")
+            ax2.set_ylim(bottom=0)
+            ax2.set_ylabel("ksmd, % of one CPU")
+            ax2.legend(loc="upper left", fontsize=8)
+        axes[-1].set_xlabel(f"number of {d['noun']} (N)")
+        axes[-1].set_xlim(0, hi)
+        axes[-1].xaxis.set_major_formatter(FuncFormatter(thousands))
+        return fig
+
+    return render(f"plan{i}", "Density plan", build)

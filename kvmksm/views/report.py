@@ -7,16 +7,19 @@ rebuilding from the same directory gives the same bytes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from kvmksm.analysis.metrics import Analysis, analyse, configured_scan_rate, page_size
+from kvmksm.analysis.metrics import Analysis, analyse, configured_scan_rate
+from kvmksm.analysis.windows import page_size
+from kvmksm.results.files import write_text
+from kvmksm.results.meta import Event, Host, RunMeta, Workload
 from kvmksm.results.record import REPORT, RUN_JSON, Record, load_record
-from kvmksm.views import charts
+from kvmksm.units import format_size
+from kvmksm.views import charts, html
+from kvmksm.views.fmt import fmt_duration, fmt_num, fmt_value
 
 # Metrics shown as cards at the top, in this order; all of them are in the table below.
 HEADLINE = (
@@ -39,32 +42,11 @@ MANY_EVENTS = 40  # longer event lists start folded
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.html from the record in RUN_DIR and return its path."""
     record = load_record(run_dir)
-    out = record.dir / REPORT
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(render_report(record), encoding="utf-8")
-    os.replace(tmp, out)  # a reader never sees half a report
-    return out
+    return write_text(record.dir / REPORT, render_report(record))
 
 
 def render_report(record: Record) -> str:
-    return html_env().get_template("report.html.j2").render(**build_context(record))
-
-
-def html_env() -> Environment:
-    """The Jinja2 environment of every kvmksm HTML page (report, compare, plan)."""
-    env = Environment(
-        loader=PackageLoader("kvmksm", "templates"),
-        autoescape=select_autoescape(["html", "j2"]),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["num"] = fmt_num
-    env.filters["expected"] = fmt_expected
-    env.filters["value"] = fmt_value
-    env.filters["duration"] = fmt_duration
-    env.filters["secs"] = lambda t: f"{t:,.2f}" if isinstance(t, int | float) else "—"
-    return env
+    return html.render("report.html.j2", **build_context(record))
 
 
 def build_context(record: Record) -> dict[str, Any]:
@@ -72,13 +54,13 @@ def build_context(record: Record) -> dict[str, Any]:
     a = analyse(record)
     ps = page_size(record)
     notes = _footnotes(a)
-    scenario = meta.get("scenario") or {}
     checks = record.checks
+    scenario = meta.scenario.model_dump(mode="json", exclude_unset=True)
     return {
         "meta": meta,
         "title": _title(meta),
-        "status": meta.get("status", "unknown"),
-        "status_class": STATUS_CLASS.get(meta.get("status", ""), "muted"),
+        "status": meta.status,
+        "status_class": STATUS_CLASS.get(meta.status, "muted"),
         "summary": _summary(record, ps),
         "cards": _cards(a, notes),
         "metrics": [_row(k, m, notes) for k, m in a.metrics.items()],
@@ -86,10 +68,10 @@ def build_context(record: Record) -> dict[str, Any]:
         "windows": a.windows,
         "charts": _charts(record, a, ps),
         "checks": checks,
-        "checks_passed": sum(1 for c in checks if c.get("passed")),
+        "checks_passed": sum(1 for c in checks if c.passed),
         "events": [_event_row(e) for e in record.events],
         "events_open": len(record.events) <= MANY_EVENTS,
-        "host": _host_rows(meta.get("host") or {}),
+        "host": _host_rows(meta.host),
         "knobs": _knob_rows(meta),
         "scenario_yaml": yaml.safe_dump(scenario, sort_keys=False, allow_unicode=True).strip(),
         "files": _files(record),
@@ -101,45 +83,40 @@ def build_context(record: Record) -> dict[str, Any]:
     }
 
 
-def _title(meta: dict[str, Any]) -> str:
-    name = (meta.get("scenario") or {}).get("name") or "run"
-    host = (meta.get("host") or {}).get("hostname") or "unknown host"
-    return f"{name} on {host}"
+def _title(meta: RunMeta) -> str:
+    return f"{meta.scenario.name} on {meta.host.hostname or 'unknown host'}"
 
 
 def _summary(record: Record, ps: int) -> list[tuple[str, str]]:
-    meta, host = record.meta, record.meta.get("host") or {}
-    workload = (meta.get("scenario") or {}).get("workload") or {}
+    meta = record.meta
     rows = [
-        ("Scenario", f"{(meta.get('scenario') or {}).get('name', '?')}"),
-        ("Scenario file", meta.get("scenario_file") or "—"),
-        ("Workload", _workload_text(workload)),
-        ("Kernel", host.get("kernel_release") or "—"),
-        ("Started", meta.get("started") or "—"),
-        ("Finished", meta.get("finished") or "—"),
-        ("Duration", fmt_duration(meta.get("duration_s"))),
+        ("Scenario", meta.scenario.name),
+        ("Scenario file", meta.scenario_file or "—"),
+        ("Workload", _workload_text(meta.workload)),
+        ("Kernel", meta.host.kernel_release or "—"),
+        ("Started", meta.started or "—"),
+        ("Finished", meta.finished or "—"),
+        ("Duration", fmt_duration(meta.duration_s)),
         ("Samples", f"{len(record.samples):,} rows; page size {ps:,} bytes"),
-        ("Kind", f"{meta.get('kind', '?')} (record format {meta.get('format')})"),
+        ("Kind", f"{meta.kind} (record format {meta.format})"),
     ]
     return [(k, str(v)) for k, v in rows]
 
 
-def _workload_text(w: dict[str, Any]) -> str:
-    if w.get("type") == "vms":
-        base = w.get("base") or {}
-        src = base.get("domain") or base.get("image") or "?"
-        mem = w.get("memory") or base.get("memory")
-        text = f"{w.get('clones')} clones of {src}"
+def _workload_text(w: Workload) -> str:
+    if w.type == "vms":
+        src = (w.base.domain or w.base.image) if w.base else None
+        mem = w.memory or (w.base.memory if w.base else None)
+        text = f"{w.clones} clones of {src or '?'}"
         if mem:
             text += f", {fmt_num(mem / 1024**2)} MiB each"
-        fill = w.get("guest_fill")
+        fill = w.guest_fill
         if fill:
             text += f", each fills {fmt_num(fill['size'] / 1024**2)} MiB with byte {fill['byte']}"
-        return text + f" ({w.get('domain_type', 'kvm')})"
-    if w.get("type") == "processes":
-        size = w.get("size") or 0
-        return f"{w.get('count')} processes x {fmt_num(size / 1024**2)} MiB"
-    return w.get("type") or "—"
+        return text + f" ({w.domain_type or 'kvm'})"
+    if w.type == "processes":
+        return f"{w.count} processes x {fmt_num((w.size or 0) / 1024**2)} MiB"
+    return w.type
 
 
 def _cards(a: Analysis, notes: dict[str, int]) -> list[dict[str, Any]]:
@@ -223,20 +200,20 @@ def _charts(record: Record, a: Analysis, ps: int) -> list[dict[str, str]]:
     return [{"id": i, "title": t, "svg": svg, "caption": c} for i, t, svg, c in out if svg]
 
 
-def _event_row(e: dict[str, Any]) -> dict[str, Any]:
-    extra = {k: v for k, v in e.items() if k not in ("t", "time", "kind", "detail")}
+def _event_row(e: Event) -> dict[str, Any]:
+    extra = e.model_dump(exclude={"t", "time", "kind", "detail"}, exclude_none=True)
     return {
-        "t": e.get("t"),
-        "time": e.get("time", ""),
-        "kind": e.get("kind", ""),
-        "detail": e.get("detail", ""),
-        "extra": ", ".join(f"{k}={v}" for k, v in extra.items()),
+        "t": e.t,
+        "time": e.time,
+        "kind": e.kind,
+        "detail": e.detail,
+        "extra": ", ".join(f"{k}={v}" for k, v in extra.items() if k != "traceback"),
     }
 
 
-def _host_rows(host: dict[str, Any]) -> list[tuple[str, str]]:
+def _host_rows(host: Host) -> list[tuple[str, str]]:
     rows = []
-    for key, value in host.items():
+    for key, value in host.model_dump(mode="json", exclude_unset=True).items():
         text = json.dumps(value) if isinstance(value, dict | list) else str(value)
         if key == "mem_total_kb" and isinstance(value, int | float):
             text = f"{value / 1024**2:,.1f} GiB ({value:,} kB)"
@@ -244,8 +221,8 @@ def _host_rows(host: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _knob_rows(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    sources = [meta.get(k) or {} for k in ("knobs_before", "knobs_during", "knobs_after")]
+def _knob_rows(meta: RunMeta) -> list[dict[str, Any]]:
+    sources = [meta.knobs_before, meta.knobs_during, meta.knobs_after]
     names: list[str] = []
     for src in sources:
         names += [n for n in src if n not in names]
@@ -266,64 +243,10 @@ def _knob_rows(meta: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _files(record: Record) -> list[dict[str, Any]]:
-    names = list(dict.fromkeys([*(record.meta.get("files") or {}).values(), *KNOWN_FILES]))
+    names = list(dict.fromkeys([*record.meta.files.values(), *KNOWN_FILES]))
     out = []
     for name in names:
         path = record.dir / name
         if path.is_file():
-            out.append({"name": name, "size": _size(path.stat().st_size)})
+            out.append({"name": name, "size": format_size(path.stat().st_size)})
     return out
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return ""
-
-
-# -- formatting -----------------------------------------------------------------------
-def fmt_num(v: Any) -> str:
-    """Thousands separators, and fewer decimals the larger the number."""
-    if v is None or v == "":
-        return "—"
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, int) or float(v).is_integer():
-        return f"{int(v):,}"
-    a = abs(v)
-    digits = 0 if a >= 100 else 1 if a >= 10 else 2 if a >= 0.1 else 3
-    return f"{v:,.{digits}f}"
-
-
-def fmt_duration(seconds: Any) -> str:
-    """'86,399 s (23 h 59 min)': seconds as recorded, and the same for a person."""
-    if not isinstance(seconds, int | float):
-        return "—"
-    text = fmt_value(seconds, "s")
-    if seconds >= 3600:
-        return f"{text} ({int(seconds // 3600)} h {int(seconds % 3600 // 60)} min)"
-    if seconds >= 60:
-        return f"{text} ({int(seconds // 60)} min {int(seconds % 60)} s)"
-    return text
-
-
-def fmt_value(v: Any, unit: str = "") -> str:
-    if isinstance(v, list):
-        return " – ".join(fmt_num(x) for x in v) + (f" {unit}" if unit else "")
-    text = fmt_num(v)
-    return f"{text} {unit}" if unit and text != "—" else text
-
-
-def fmt_expected(expected: Any) -> str:
-    if isinstance(expected, dict):
-        lo, hi = expected.get("min"), expected.get("max")
-        if lo is not None and hi is not None:
-            return f"{fmt_num(lo)} … {fmt_num(hi)}"
-        if lo is not None:
-            return f"≥ {fmt_num(lo)}"
-        if hi is not None:
-            return f"≤ {fmt_num(hi)}"
-        return "any"
-    return fmt_num(expected)

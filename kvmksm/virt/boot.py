@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
+import libvirt_qemu
 
 from kvmksm.errors import WorkloadFailed
 from kvmksm.scenario.model import BootWait
@@ -85,8 +86,6 @@ class ConsoleWatch:
 
 
 def _agent_ping(dom: libvirt.virDomain) -> bool:
-    import libvirt_qemu
-
     try:
         reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-ping"}), 1, 0)
     except libvirt.libvirtError:

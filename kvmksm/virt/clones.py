@@ -2,16 +2,16 @@
 
 This is what the ``vms`` workload drives::
 
-    fleet = Fleet(conn, workload, record="20250101T120000Z-host", recorder=active_run)
-    fleet.check()          # read only: base shut off, pool usable, boot method possible
+    clones = Clones(conn, workload, record="20250101T120000Z-host", recorder=active_run)
+    clones.check()          # read only: base shut off, pool usable, boot method possible
     try:
-        fleet.create()     # define + storage for every clone; on failure undoes all of it
-        fleet.start()
-        fleet.wait_up()    # BootError (a WorkloadFailed) with the console tail
-        pids = fleet.pids()
+        clones.create()     # define + storage for every clone; on failure undoes all of it
+        clones.start()
+        clones.wait_up()    # BootError (a WorkloadFailed) with the console tail
+        pids = clones.pids()
         ...
     finally:
-        problems = fleet.teardown()   # never raises; idempotent
+        problems = clones.teardown()   # never raises; idempotent
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from kvmksm.errors import UserError, WorkloadFailed
 from kvmksm.host import paths
 from kvmksm.host.fs import HostFS
 from kvmksm.host.qemu import PidNotFound, find_qemu_pid
+from kvmksm.results.events import Kind
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.virt.boot import BootError, Pending, console_tail, wait_up
 from kvmksm.virt.cleanup import find_leftovers, remove_clone, remove_leftovers
@@ -109,7 +110,7 @@ class Guest:
 
 
 @dataclass
-class Fleet:
+class Clones:
     """N clones of one base for one run. Every object it makes is tagged with ``run``."""
 
     conn: libvirt.virConnect
@@ -117,11 +118,11 @@ class Fleet:
     record: str = ""  # run record id, stored in each clone's tag
     run: str = field(default_factory=new_run_id)
     recorder: Recorder = field(default_factory=_NoRecorder)
-    log: Callable[[str, str], None] = lambda kind, detail: None  # run events
+    log: Callable[[Kind, str], None] = lambda kind, detail: None  # run events
     guests: list[Guest] = field(default_factory=list)
     base: Base | None = None
     pool: Pool | None = None
-    # Volume names this fleet tried and failed to create: if they exist, they are not ours.
+    # Volume names this run's clones tried and failed to create: if they exist, they are not ours.
     foreign: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -159,7 +160,7 @@ class Fleet:
 
     # -- creation ---------------------------------------------------------------------
     def create(self) -> list[Guest]:
-        """Define every clone, then make its disks; on any failure remove all this fleet
+        """Define every clone, then make its disks; on any failure remove all this run's clones
         made and re-raise. Each domain is defined before its storage (as virt-manager's
         cloner does), so a bad XML fails before any disk work."""
         if self.base is None:
@@ -169,7 +170,7 @@ class Fleet:
             self.pool = ensure_pool(self.conn, self.spec.pool)
             if self.pool.created:
                 # Kept for later runs (not a leftover), so only the run's events say so.
-                self.log("pool created", f"{self.pool.name} at {self.pool.path}")
+                self.log(Kind.POOL_CREATED, f"{self.pool.name} at {self.pool.path}")
             paths.console_dir().mkdir(parents=True, exist_ok=True)
             taken = macs_in_use(self.conn)
             for i in range(1, self.spec.clones + 1):
@@ -241,7 +242,7 @@ class Fleet:
                 # Not a plain dir pool layout: point the defined domain at the real path.
                 d.path = vol.path()
                 self.conn.defineXML(clone_xml(self.base.xml, plan))
-        self.log("guest defined", f"{plan.name} ({self.spec.disk} of {self.base.name})")
+        self.log(Kind.GUEST_DEFINED, f"{plan.name} ({self.spec.disk} of {self.base.name})")
         return g
 
     # -- running ----------------------------------------------------------------------
@@ -256,7 +257,7 @@ class Fleet:
                     g.name, f"could not start: {e.get_error_message()}", console_tail(g.console)
                 ) from None
             g.started = time.monotonic()
-            self.log("guest started", g.name)
+            self.log(Kind.GUEST_STARTED, g.name)
 
     def wait_up(self) -> dict[str, float]:
         """Block until every guest is up (scenario's boot method); {name: boot seconds}.
@@ -267,7 +268,7 @@ class Fleet:
         ]
 
         def up(name: str, secs: float) -> None:
-            self.log("guest up", f"{name} after {secs:.1f}s")
+            self.log(Kind.GUEST_UP, f"{name} after {secs:.1f}s")
 
         times = wait_up(pend, self.spec.boot, on_up=up)
         for g in self.guests:
@@ -307,7 +308,7 @@ class Fleet:
                     self.recorder.removed("volume", pool=pool, name=vol)
                 if g.defined:
                     self.recorder.removed("domain", name=g.name, uuid=g.uuid, run=self.run)
-                    self.log("guest removed", g.name)
+                    self.log(Kind.GUEST_REMOVED, g.name)
         try:  # anything of this run the list above missed (e.g. a kill mid-create)
             left = find_leftovers(self.conn, self.run)
             left.volumes = [v for v in left.volumes if v not in self.foreign]

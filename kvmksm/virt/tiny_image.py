@@ -20,7 +20,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,10 +105,6 @@ class TinyImage:
         what = "built" if self.built else "up to date"
         dom = "defined" if self.defined else "unchanged"
         return f"{self.domain}: image {self.image} ({what}), domain {dom}"
-
-
-def _say(text: str) -> None:
-    print(f"[image] {text}", file=sys.stderr, flush=True)
 
 
 def find_kernel(boot: Path = Path("/boot")) -> tuple[Path, Path]:
@@ -258,7 +253,7 @@ def build_image(
     vcpus: int = 1,
     domain_type: str = "qemu",
     force: bool = False,
-    progress: Callable[[str], None] = _say,
+    progress: Callable[[str], None] = lambda _text: None,
 ) -> TinyImage:
     """Build the tiny image (when missing, when its inputs changed, or with ``force``) and
     define the shut-off base domain ``name`` (when missing or out of date).

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from rich.console import Console
 
 from kvmksm.errors import UserError
 from kvmksm.host.fs import KSM_DIR, HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.host.state import ActiveRun
+from kvmksm.progress import Progress, Silent
 from kvmksm.results.record import RunRecord
 from kvmksm.sampling.sampler import Probe
 from kvmksm.scenario import checks
@@ -27,7 +25,7 @@ class RunContext:
     record: RunRecord
     active: ActiveRun
     scenario: Scenario
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    progress: Progress = field(default_factory=Silent)
     failed_checks: int = 0
 
     def check(self, label: str, expect: Mapping[str, int | Range]) -> bool:
@@ -43,18 +41,9 @@ class RunContext:
                 self.failed_checks += 1
         return ok
 
-    @contextlib.contextmanager
-    def phase(self, text: str) -> Iterator[Any]:
-        """A spinner with a status line on a terminal; silent otherwise."""
-        if self.console.is_terminal:
-            with self.console.status(text) as status:
-                yield status.update
-        else:
-            yield lambda *a, **k: None
-
-    def say(self, text: str) -> None:
-        if self.console.is_terminal:
-            self.console.log(text)
+    def phase(self, text: str) -> contextlib.AbstractContextManager[Callable[[str], None]]:
+        """A step that takes a while, shown by the caller's progress view."""
+        return self.progress.phase(text)
 
 
 def require_fits(fs: HostFS, n: int, each: int, what: str) -> None:

@@ -14,6 +14,7 @@ from kvmksm.errors import WorkloadFailed
 from kvmksm.host.cgroup import MemoryCgroup
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
+from kvmksm.results.events import Kind
 from kvmksm.scenario.model import FillStep, ProcessesWorkload, StopStep, UnmergeStep
 from kvmksm.units import format_size
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
@@ -38,7 +39,7 @@ class ProcessesRun(Workload):
         with ctx.phase(f"starting {spec.count} processes of {format_size(spec.size)}"):
             self._start(ctx)
         ctx.record.event(
-            "workload_start",
+            Kind.WORKLOAD_START,
             f"{spec.count} processes x {format_size(spec.size)}"
             + (f" in memory cgroup v{self.cgroup.version}" if self.cgroup else ""),
         )
@@ -48,26 +49,26 @@ class ProcessesRun(Workload):
                 self._fill(ctx, i, step)
                 if ctx.ksm.read("run") != 1:
                     ctx.ksm.write("run", 1)
-                    ctx.record.event("ksm_on", "run=1", step=i)
+                    ctx.record.event(Kind.KSM_ON, "run=1", step=i)
                 with ctx.phase(f"{label}: waiting for {spec.full_scans} full scans"):
                     try:
                         waited = ctx.ksm.wait_full_scans(spec.full_scans, spec.scan_timeout)
                     except TimeoutError as e:
                         raise WorkloadFailed(f"{label}: {e}") from None
                 ctx.record.event(
-                    "scans_done", f"{spec.full_scans} full scans", step=i, seconds=waited
+                    Kind.SCANS_DONE, f"{spec.full_scans} full scans", step=i, seconds=waited
                 )
             elif isinstance(step, UnmergeStep):
                 label = f"step {i} unmerge"
                 t = time.monotonic()
                 ctx.ksm.write("run", 2)  # returns once every merged page is split again
-                ctx.record.event("unmerge", "run=2", step=i, seconds=time.monotonic() - t)
+                ctx.record.event(Kind.UNMERGE, "run=2", step=i, seconds=time.monotonic() - t)
             elif isinstance(step, StopStep):
                 label = f"step {i} stop"
                 ctx.ksm.write("run", 0)
-                ctx.record.event("stop", "run=0", step=i)
+                ctx.record.event(Kind.STOP, "run=0", step=i)
             ok = ctx.check(label, step.expect)
-            ctx.record.event("round_checked", label + (" passed" if ok else " FAILED"), step=i)
+            ctx.record.event(Kind.ROUND_CHECKED, label + (" passed" if ok else " FAILED"), step=i)
             if spec.verify and not isinstance(step, StopStep):
                 self._verify(ctx, i)
 
@@ -129,7 +130,7 @@ class ProcessesRun(Workload):
             for proc, pattern in zip(self.children, step.patterns, strict=True):
                 self._tell(proc, "fill", [step_no, pattern.model_dump()])
             seconds = [self._reply(i, "filled") for i in range(len(self.children))]
-        ctx.record.event("round_filled", desc, step=step_no, seconds=round(max(seconds), 4))
+        ctx.record.event(Kind.ROUND_FILLED, desc, step=step_no, seconds=round(max(seconds), 4))
 
     def _verify(self, ctx: RunContext, step_no: int) -> None:
         for proc in self.children:
@@ -150,7 +151,7 @@ class ProcessesRun(Workload):
                 "never change data"
             )
         ctx.record.event(
-            "verified",
+            Kind.VERIFIED,
             f"{len(self.children)} processes intact",
             step=step_no,
             seconds=round(max(s for _, s in replies), 4),

@@ -1,19 +1,26 @@
 """The vms workload: clones of a base VM, started with ksmd off; then KSM on until the merge
-curve is steady; optionally unmerge; everything torn down. Each phase is an event."""
+curve is steady; optionally unmerge; everything torn down. Each phase is an event.
+
+Imported only for VM scenarios: libvirt-python is an optional extra (kvmksm[vms])."""
 
 from __future__ import annotations
 
 import os
 import time
+import xml.etree.ElementTree as ET
 from typing import Any
 
 from kvmksm.analysis.steady import SteadyDetector
 from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
+from kvmksm.results.events import Kind
+from kvmksm.sampling.guest_rows import ProcessGone, VmProbe, read_process
 from kvmksm.sampling.sampler import Probe
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.units import format_size
+from kvmksm.virt.clones import Clones
+from kvmksm.virt.conn import open_connection, resolve_uri, versions
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
 POLL = 0.2  # seconds between steady-state readings
@@ -21,8 +28,6 @@ POLL = 0.2  # seconds between steady-state readings
 
 def _memory_of(xml: str) -> int:
     """Bytes of <memory> in a domain XML."""
-    import xml.etree.ElementTree as ET
-
     el = ET.fromstring(xml).find("memory")
     if el is None or not el.text:
         return 0
@@ -44,29 +49,26 @@ class VmsRun(Workload):
         self.spec = spec
         self.connect = connect
         self.conn: Any = None
-        self.fleet: Any = None
+        self.clones: Clones | None = None
         self.pids: dict[str, int] = {}
         self.fs: HostFS | None = None
 
     # -- before anything is created -------------------------------------------------------
     def preflight(self, fs: HostFS, ksm: Ksm) -> None:
-        from kvmksm.virt.clones import Fleet
-        from kvmksm.virt.conn import open_connection, resolve_uri
-
         self.fs = fs
         require_counters(fs, ksm, self.spec.expect, "workload.expect")
         self.uri = resolve_uri(self.connect, self.spec.connect)
         self.conn = open_connection(self.uri)
         try:
-            self._check_base(Fleet(self.conn, self.spec), fs)
+            self._check_base(Clones(self.conn, self.spec), fs)
         except BaseException:
             self.conn.close()
             self.conn = None
             raise
 
-    def _check_base(self, fleet: Any, fs: HostFS) -> None:
+    def _check_base(self, clones: Clones, fs: HostFS) -> None:
         try:
-            base = fleet.check()  # base exists and is shut off, pool usable, boot possible
+            base = clones.check()  # base exists and is shut off, pool usable, boot possible
         except UserError as e:
             name = getattr(self.spec.base, "domain", None)
             if name and "not found" in str(e) and name.startswith("kvmksm-"):
@@ -84,51 +86,43 @@ class VmsRun(Workload):
         require_fits(fs, self.spec.clones, self.spec.memory or _memory_of(base.xml), "clones")
 
     def probes(self) -> list[Probe]:
-        from kvmksm.sampling.guest_rows import VmProbe
-
         assert self.fs is not None
         return [VmProbe(self.fs, lambda: dict(self.pids))]
 
     # -- the timeline ---------------------------------------------------------------------
     def run(self, ctx: RunContext) -> None:
-        from kvmksm.virt.clones import Fleet
-        from kvmksm.virt.conn import versions
-
         spec = self.spec
         ctx.record.data["host"].update(versions(self.conn))
         ctx.record.save()
 
-        def log(kind: str, detail: str) -> None:
-            ctx.record.event(kind.replace(" ", "_"), detail)
-
-        self.fleet = fleet = Fleet(
-            self.conn, spec, record=ctx.record.dir.name, recorder=ctx.active, log=log
+        self.clones = clones = Clones(
+            self.conn, spec, record=ctx.record.dir.name, recorder=ctx.active, log=ctx.record.event
         )
         ctx.record.event(
-            "workload_start",
-            f"{spec.clones} clones ({spec.disk}) of {fleet.check().name}, type {spec.domain_type}",
+            Kind.WORKLOAD_START,
+            f"{spec.clones} clones ({spec.disk}) of {clones.check().name}, type {spec.domain_type}",
         )
         with ctx.phase(f"creating {spec.clones} clones"):
-            fleet.create()
+            clones.create()
         with ctx.phase(f"starting {spec.clones} guests"):
-            fleet.start()
+            clones.start()
         with ctx.phase(f"waiting for {spec.clones} guests to come up ({spec.boot.method})"):
-            times = fleet.wait_up()
-        ctx.record.event("all_up", f"slowest boot {max(times.values()):.1f}s")
-        self.pids = fleet.pids(ctx.fs)
-        ctx.record.update(guests=[self._guest_info(g) for g in fleet.guests])
+            times = clones.wait_up()
+        ctx.record.event(Kind.ALL_UP, f"slowest boot {max(times.values()):.1f}s")
+        self.pids = clones.pids(ctx.fs)
+        ctx.record.update(guests=[self._guest_info(g) for g in clones.guests])
         with ctx.phase(f"settling for {spec.settle:g}s"):
             time.sleep(spec.settle)
-        ctx.record.event("settle_done", f"{spec.settle:g}s")
+        ctx.record.event(Kind.SETTLE_DONE, f"{spec.settle:g}s")
 
         ctx.ksm.write("run", 1)
-        ctx.record.event("ksm_on", "run=1")
+        ctx.record.event(Kind.KSM_ON, "run=1")
         self._until_steady(ctx)
         if spec.plateau > 0:
             # Savings and ksmd's cost at rest are measured over this stretch of the curve.
             with ctx.phase(f"holding the plateau for {spec.plateau:g}s"):
                 time.sleep(spec.plateau)
-            ctx.record.event("plateau_done", f"{spec.plateau:g}s after steady")
+            ctx.record.event(Kind.PLATEAU_DONE, f"{spec.plateau:g}s after steady")
         self._reconcile(ctx)
         ctx.check("steady", spec.expect)
         if spec.unmerge:
@@ -137,7 +131,7 @@ class VmsRun(Workload):
                 ctx.ksm.write("run", 2)  # returns once every merged page is split again
                 secs = time.monotonic() - t
             ctx.record.event(
-                "unmerge",
+                Kind.UNMERGE,
                 "run=2",
                 seconds=round(secs, 4),
                 pages_sharing=ctx.ksm.read("pages_sharing"),
@@ -163,12 +157,12 @@ class VmsRun(Workload):
                 elapsed = time.monotonic() - start
                 if det.update(elapsed, scans, sharing):
                     ctx.record.event(
-                        "steady", det.reason, seconds=round(elapsed, 3), pages_sharing=sharing
+                        Kind.STEADY, det.reason, seconds=round(elapsed, 3), pages_sharing=sharing
                     )
                     return
                 if elapsed > spec.timeout:
                     ctx.record.event(
-                        "steady_timeout",
+                        Kind.STEADY_TIMEOUT,
                         f"not steady after {spec.timeout:g}s (pages_sharing {sharing})",
                         seconds=round(elapsed, 3),
                         pages_sharing=sharing,
@@ -187,7 +181,6 @@ class VmsRun(Workload):
         Each KSM page mapped k times counts 1 in pages_shared, k-1 in pages_sharing and k
         in the merging pages of the processes mapping it, so with only our guests merging
         the two must match, up to what changed between the reads."""
-        from kvmksm.sampling.guest_rows import ProcessGone, read_process
 
         per_vm: dict[str, int | None] = {}
         for name, pid in self.pids.items():
@@ -209,7 +202,7 @@ class VmsRun(Workload):
             }
         )
         ctx.record.event(
-            "reconciled",
+            Kind.RECONCILED,
             f"sum of guests' ksm_merging_pages {total} vs pages_shared + "
             f"pages_sharing {glob} ({rel:.3%})",
         )
@@ -217,13 +210,13 @@ class VmsRun(Workload):
     # -- teardown --------------------------------------------------------------------------
     def teardown(self, ctx: RunContext) -> list[str]:
         problems: list[str] = []
-        if self.fleet is not None:
+        if self.clones is not None:
             try:
-                self.fleet.save_consoles(ctx.record.dir / "consoles")
+                self.clones.save_consoles(ctx.record.dir / "consoles")
             except OSError as e:
                 problems.append(f"saving console logs: {e}")
-            problems += self.fleet.teardown()
-            self.fleet = None
+            problems += self.clones.teardown()
+            self.clones = None
         self.pids = {}
         if self.conn is not None:
             try:
