@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from kvmksm import __version__
 from kvmksm.errors import UserError
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for run records (default: reports/)",
     )
     b.add_argument("--no-report", action="store_true", help="do not write report.html")
+    b.add_argument(
+        "--yes",
+        action="store_true",
+        help="start even when the scenario's waits could add up to more than a day",
+    )
     _connect_arg(b)
 
     v = sub.add_parser("validate", help="check a scenario file without touching the host")
@@ -192,6 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvmksm.views.terminal import TerminalProgress, bench_result
 
     sc, path = load_arg(args.scenario)
+    _check_duration(sc, path, args.yes)
     out = Console(highlight=False)
     progress = TerminalProgress(Console(stderr=True, highlight=False))
     if sc.repeats > 1 or sc.matrix:  # an experiment: every point x repeats, one run each
@@ -238,18 +245,38 @@ def _bench_experiment(
     return result.exit_code
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from kvmksm.commands.experiment import points
-    from kvmksm.scenario.load import load_arg
+def _check_duration(sc: Any, path: str, yes: bool) -> None:
+    from kvmksm.scenario.estimate import estimate
 
+    est = estimate(sc)
+    if est.needs_yes and not yes:
+        raise UserError(
+            f"{path}: {est.line()}; that could take more than a day: add --yes to start it"
+        )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Every problem of every file, one line each (stderr); exit 2 when any file is bad."""
+    from kvmksm.scenario import load as scenario
+    from kvmksm.scenario.estimate import estimate
+
+    bad = 0
     for arg in args.scenario:
-        sc, _ = load_arg(arg)
-        runs = ""
-        if sc.repeats > 1 or sc.matrix:
-            n = len(points(sc))
-            runs = f"; {n} point(s) x {sc.repeats} repeat(s) = {n * sc.repeats} runs"
-        print(f"{arg}: ok ({sc.workload.type} workload, scenario {sc.name}{runs})")
-    return 0
+        try:
+            checked = scenario.check_file(scenario.resolve_path(arg))
+        except UserError as e:
+            print(e, file=sys.stderr)
+            bad += 1
+            continue
+        if checked.scenario is None:
+            print("\n".join(checked.problems), file=sys.stderr)
+            bad += 1
+            continue
+        sc = checked.scenario
+        est = estimate(sc)
+        asks = "; bench asks for --yes: more than a day" if est.needs_yes else ""
+        print(f"{arg}: ok ({sc.workload.type} workload, scenario {sc.name}; {est.line()}{asks})")
+    return 2 if bad else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -274,7 +301,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     sc = load_arg(args.scenario)[0] if args.scenario else None
     found = diagnose(HostFS(), sc, args.connect)
-    findings(found, Console(highlight=False))
+    out = Console(highlight=False)
+    findings([f for f in found if f.level != "note"], out)
+    for f in found:  # notes (the side-channel note): said once, after the checks
+        if f.level == "note":
+            out.print(f"[blue]note[/] {escape(f.what)}", soft_wrap=True)
     return 1 if any(f.level == "fail" for f in found) else 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -28,34 +29,59 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _DUR_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|min|s|m|h|d)")
 
 
+# Bounds that keep every size and duration a finite number the rest of kvmksm (mmap,
+# time.sleep, float arithmetic) can use: far above anything a host has or a run lasts.
+MAX_SIZE = 2**63 - 1  # bytes: what an off_t holds
+MAX_DURATION = 366 * 86400.0  # seconds
+
+
 def parse_size(value: object) -> int:
     """Bytes from 128MiB, 1GiB, 4096, '2G' (IEC: K/M/G mean KiB/MiB/GiB; kB/MB/GB are SI)."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 128MiB")
+    size: float | None = None
     if isinstance(value, int):
         if value < 0:
             raise ValueError("expected a size such as 128MiB, not a negative number")
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    raise ValueError(f"expected a size such as 128MiB, 1GiB or 4096 (bytes), got {value!r}")
+            size = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if size is None:
+        raise ValueError(
+            f"expected a size such as 128MiB, 1GiB or 4096 (bytes), got {_short(value)}"
+        )
+    if not size <= MAX_SIZE:  # also false for NaN and infinity
+        raise ValueError(f"expected a size below 8 EiB, got {_short(value)}")
+    return int(size)
 
 
 def parse_duration(value: object) -> float:
     """Seconds from 30s, 15m, 1h30m, 500ms, or a plain number of seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s or 15m")
+    seconds: float | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("expected a duration such as 30s, not a negative number")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value) if value <= MAX_DURATION else math.inf  # a huge int: no float
+    elif isinstance(value, str):
         text = value.strip().replace(" ", "")
         if text and _DUR_PART.sub("", text) == "":
-            return sum(float(n) * _DURATION_UNITS[u] for n, u in _DUR_PART.findall(text))
-    raise ValueError(f"expected a duration such as 30s, 15m or 1h30m, got {value!r}")
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DUR_PART.findall(text))
+    if seconds is None:
+        raise ValueError(f"expected a duration such as 30s, 15m or 1h30m, got {_short(value)}")
+    if not seconds <= MAX_DURATION:  # also false for NaN and infinity
+        raise ValueError(f"expected a finite duration of at most 366d, got {_short(value)}")
+    return seconds
+
+
+def _short(value: object) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"a number of {value.bit_length()} bits"  # repr of a huge int may even fail
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def format_size(n: float) -> str:

@@ -31,7 +31,7 @@ def levels(findings: list) -> dict[str, str]:
 
 def test_doctor_clean_host(fake_fs: HostFS) -> None:
     found = diagnose(fake_fs, None, "test:///default")
-    assert all(f.level == "ok" for f in found), [(f.level, f.what) for f in found]
+    assert all(f.level in ("ok", "note") for f in found), [(f.level, f.what) for f in found]
     whats = " | ".join(f.what for f in found)
     assert "KSM sysfs present and writable" in whats
     assert "THP mode is 'madvise'" in whats

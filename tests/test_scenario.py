@@ -83,14 +83,14 @@ BAD = [
     ),
     (
         "knobs:\n  pages_to_scn: 3\nworkload: {type: vms, base: {domain: x}, clones: 2}\n",
-        "bad.yaml:2: knobs: unknown KSM knob 'pages_to_scn' (expected one of: pages_to_scan, "
+        "bad.yaml:2: knobs.pages_to_scn: unknown KSM knob (expected one of: pages_to_scan, "
         "sleep_millisecs, merge_across_nodes, use_zero_pages, max_page_sharing, "
         "stable_node_chains_prune_millisecs, smart_scan, advisor_mode, advisor_max_cpu, "
         "advisor_min_pages_to_scan, advisor_max_pages_to_scan, advisor_target_scan_time)",
     ),
     (
         "knobs:\n  run: 1\nworkload: {type: vms, base: {domain: x}, clones: 2}\n",
-        "bad.yaml:2: knobs: 'run' is set by the workload (ksmd goes on when the scenario says), "
+        "bad.yaml:2: knobs.run: 'run' is set by the workload (ksmd goes on when the scenario says), "
         "not a knob to pin",
     ),
     (
@@ -111,8 +111,12 @@ BAD = [
         "workload:\n  type: vms\n  base: {domain: x}\n  clones: 2\n  disk: clone\n",
         "bad.yaml:5: workload.disk: expected 'overlay' or 'copy', got 'clone'",
     ),
-    ("workload:\n  type: processes\n  count: 2\n  count: 3\n", "bad.yaml:4: count: duplicate key"),
-    ("workload: [1, 2\n", "bad.yaml:2: invalid YAML: expected ',' or ']', but got '<stream end>'"),
+    (
+        "workload:\n  type: processes\n  count: 2\n  count: 3\n  size: 1MiB\n"
+        "  steps: [{action: stop}]\n",
+        "bad.yaml:4: workload.count: duplicate key (also on line 3)",
+    ),
+    ("workload: [1, 2\n", "bad.yaml:2: invalid YAML: did not find expected ',' or ']'"),
     ("", "bad.yaml:1: the scenario is empty (expected a mapping with 'workload')"),
     ("- a\n", "bad.yaml:1: expected a mapping of fields at the top of the scenario"),
     (

@@ -1,16 +1,18 @@
 """`kvmksm doctor`: what a run needs and what would spoil its figures, one line each with
-what to do. Reads only."""
+what to do. Reads only: it takes no lock, writes no file, and opens libvirt read-only."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from kvmksm.host.fs import KSM_DIR, HostFS
 from kvmksm.host.ksm import KNOWN_KNOBS, Ksm, ksm_processes
-from kvmksm.host.state import ActiveRun, HostLock
+from kvmksm.host.state import ActiveRun, HostLock, bench_holder
 from kvmksm.scenario.model import Scenario, VmsWorkload
+from kvmksm.security import SIDE_CHANNEL_NOTE
 from kvmksm.units import format_size
 
 # Daemons that rewrite KSM knobs while they run (they would change a run's settings mid-way).
@@ -19,7 +21,7 @@ KSM_MANAGERS = ("ksmtuned", "tuned", "ksmctl", "momd")
 
 @dataclass
 class Finding:
-    level: str  # ok | warn | fail
+    level: str  # ok | note | warn | fail
     what: str
     fix: str = ""
 
@@ -40,6 +42,7 @@ def diagnose(fs: HostFS, scenario: Scenario | None = None, uri: str | None = Non
                 Finding("warn" if f.level == "fail" else f.level, f.what, f.fix) for f in found
             ]
         out += found
+    out.append(Finding("note", SIDE_CHANNEL_NOTE))
     return out
 
 
@@ -135,39 +138,41 @@ def _other_users(fs: HostFS) -> list[Finding]:
 
 
 def _state() -> list[Finding]:
-    out = []
+    """A run in progress, or the state a killed one left, read without taking the lock (a
+    bench starting meanwhile must not find it held by doctor)."""
     lock = HostLock()
-    try:
-        lock.acquire("doctor probe")
-        lock.release()
-    except Exception as e:  # LockedError: a run is going on
-        out.append(Finding("warn", str(e), "wait for it to finish"))
-    else:
-        active = ActiveRun.load()
-        if active:
-            out.append(
-                Finding(
-                    "fail",
-                    f"a killed run left state behind (record {active.get('run_dir')}, "
-                    f"{len(active.get('created', []))} object(s))",
-                    "run: kvmksm clean",
-                )
+    holder = bench_holder()
+    if holder:
+        return [
+            Finding(
+                "warn",
+                f"another kvmksm run is using KSM on this host ({holder})",
+                "wait for it to finish",
             )
-        else:
-            out.append(Finding("ok", f"no kvmksm run in progress ({lock.path})"))
-    return out
+        ]
+    active = ActiveRun.load()
+    if active:
+        return [
+            Finding(
+                "fail",
+                f"a killed run left state behind (record {active.get('run_dir')}, "
+                f"{len(active.get('created', []))} object(s))",
+                "run: kvmksm clean",
+            )
+        ]
+    return [Finding("ok", f"no kvmksm run in progress ({lock.path})")]
 
 
 def _libvirt(fs: HostFS, w: VmsWorkload | None, uri: str | None) -> list[Finding]:
     try:
         import libvirt  # noqa: F401
 
-        from kvmksm.virt.conn import open_connection, resolve_uri, versions
+        from kvmksm.virt.conn import open_read_only, resolve_uri, versions
     except ImportError:
         return [Finding("fail", "libvirt-python is not installed", "run scripts/setup.sh")]
     uri = resolve_uri(uri, w.connect if w else None)
     try:
-        conn = open_connection(uri)
+        conn = open_read_only(uri)
     except Exception as e:
         return [Finding("fail", str(e), "start libvirtd (scripts/setup.sh does)")]
     out = [Finding("ok", f"libvirtd reachable at {uri} (libvirt {versions(conn)['libvirt']})")]
@@ -206,6 +211,7 @@ def _libvirt(fs: HostFS, w: VmsWorkload | None, uri: str | None) -> list[Finding
             else:
                 out.append(Finding("ok", f"base domain '{w.base.domain}' is shut off"))
             base_mem = dom.maxMemory() * 1024
+            out += _sharing(w.base.domain, dom.XMLDesc(0))
     else:
         base_mem = w.base.memory
     per_guest = w.memory or base_mem
@@ -225,3 +231,22 @@ def _libvirt(fs: HostFS, w: VmsWorkload | None, uri: str | None) -> list[Finding
         out.append(Finding("warn", "qemu-img not found", "install qemu-utils"))
     conn.close()
     return out
+
+
+def _sharing(name: str, xml: str) -> list[Finding]:
+    """<memoryBacking><nosharepages/> makes QEMU mark guest memory unmergeable
+    (MADV_UNMERGEABLE): its clones keep it, and KSM never merges their memory."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return []
+    if root.find("memoryBacking/nosharepages") is None:
+        return []
+    return [
+        Finding(
+            "warn",
+            f"base domain '{name}' has <memoryBacking><nosharepages/>: KSM never merges "
+            "the memory of its clones",
+            f"remove <nosharepages/> from its XML (virsh edit {name})",
+        )
+    ]

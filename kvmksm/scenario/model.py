@@ -3,6 +3,7 @@ rules a single field cannot state. Loading YAML and locating errors is scenario.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,7 +14,8 @@ from kvmksm.units import Duration, Size
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are refused even when written as text ("nan" read as a float).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # -- expectations -------------------------------------------------------------------
@@ -202,8 +204,29 @@ class VmsWorkload(Strict):
 Workload = Annotated[ProcessesWorkload | VmsWorkload, Field(discriminator="type")]
 
 
+NAME_MAX = 100
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_name(v: str) -> str:
+    """The name becomes a folder (OUTPUT/<name>/...): one plain path component."""
+    if v == "" or (len(v) <= NAME_MAX and _NAME_RE.fullmatch(v)):
+        return v
+    shown = v if len(v) <= 40 else v[:37] + "..."
+    raise ValueError(
+        f"expected a plain folder name of at most {NAME_MAX} characters: letters, digits, "
+        f"'.', '_' or '-', not starting with '.' or '-', got {shown!r}"
+    )
+
+
+def name_from_file(stem: str) -> str:
+    """A scenario's default name, from its file name, made a plain folder name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:NAME_MAX].lstrip(".-")
+    return name or "scenario"
+
+
 class Scenario(Strict):
-    name: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")
+    name: Annotated[str, AfterValidator(_check_name)] = ""
     description: str = ""
     sample_interval: Duration = Field(default=1.0, ge=0.1, le=3600)
     knobs: Annotated[dict[str, int | str], AfterValidator(_check_knob_keys)] = {}
@@ -214,83 +237,67 @@ class Scenario(Strict):
 
 
 # -- rules across fields -------------------------------------------------------------
-def semantic_problem(s: Scenario) -> tuple[tuple[Any, ...], str] | None:
-    """Cross-field rules pydantic cannot say per field."""
+# Knob values and matrix axes are checked on the data as read (scenario.knob_checks), so
+# that every one of them is reported even when another field is wrong.
+def semantic_problems(s: Scenario) -> list[tuple[tuple[Any, ...], str]]:
+    """Cross-field rules pydantic cannot say per field, every one that applies."""
+    out: list[tuple[tuple[Any, ...], str]] = []
     w = s.workload
     if isinstance(w, ProcessesWorkload):
+        sized_by_axis = "count" in s.matrix  # patterns are repeated to each count
         for i, step in enumerate(w.steps):
-            sized_by_axis = "count" in s.matrix  # patterns are repeated to each count
-            if isinstance(step, FillStep) and len(step.patterns) != w.count and not sized_by_axis:
-                return (
-                    ("workload", "steps", i, "patterns"),
-                    f"expected {w.count} patterns (one per process, workload.count), "
-                    f"got {len(step.patterns)}",
+            if not isinstance(step, FillStep):
+                continue
+            if len(step.patterns) != w.count and not sized_by_axis:
+                out.append(
+                    (
+                        ("workload", "steps", i, "patterns"),
+                        f"expected {w.count} patterns (one per process, workload.count), "
+                        f"got {len(step.patterns)}",
+                    )
                 )
-            if isinstance(step, FillStep):
-                for j, p in enumerate(step.patterns):
-                    if not p.random and p.byte is None:
-                        return (
+            for j, p in enumerate(step.patterns):
+                if not p.random and p.byte is None:
+                    out.append(
+                        (
                             ("workload", "steps", i, "patterns", j),
                             "expected a byte, 'random', or {byte, last_byte}",
                         )
-        if w.cgroup and w.cgroup.memory_limit < w.count * w.size:
-            return (
-                ("workload", "cgroup", "memory_limit"),
-                f"expected at least count x size = {w.count * w.size} bytes, or the "
-                "processes would be killed by the OOM killer",
+                    )
+            if sized_by_axis and any(p != step.patterns[0] for p in step.patterns):
+                out.append(
+                    (
+                        ("workload", "steps", i, "patterns"),
+                        "with a count axis every process needs the same pattern (it is "
+                        "repeated to each count)",
+                    )
+                )
+        counts = [v for v in s.matrix.get("count", []) if isinstance(v, int)]
+        if w.cgroup and counts and w.cgroup.memory_limit < max(counts) * w.size:
+            out.append(
+                (
+                    ("workload", "cgroup", "memory_limit"),
+                    f"expected at least the largest count x size = {max(counts) * w.size} bytes",
+                )
+            )
+        elif w.cgroup and not counts and w.cgroup.memory_limit < w.count * w.size:
+            out.append(
+                (
+                    ("workload", "cgroup", "memory_limit"),
+                    f"expected at least count x size = {w.count * w.size} bytes, or the "
+                    "processes would be killed by the OOM killer",
+                )
             )
     if isinstance(w, VmsWorkload) and w.guest_fill and w.memory and w.guest_fill.size >= w.memory:
-        return (("workload", "guest_fill", "size"), "expected less than the guest's memory")
-    for i, (k, v) in enumerate(s.knobs.items()):
-        if k == "advisor_mode":
-            if v not in ("none", "scan-time"):
-                return (("knobs", k), "expected 'none' or 'scan-time'")
-        elif not isinstance(v, int):
-            return (("knobs", k), f"expected an integer, got {v!r}")
-        del i
-    return _check_matrix(s)
+        out.append((("workload", "guest_fill", "size"), "expected less than the guest's memory"))
+    return out
+
+
+def semantic_problem(s: Scenario) -> tuple[tuple[Any, ...], str] | None:
+    """The first of semantic_problems (or None)."""
+    found = semantic_problems(s)
+    return found[0] if found else None
 
 
 # The axis that sets how many guests or processes run, per workload type.
 SIZE_AXES = {"processes": ("count", 1024), "vms": ("clones", 1000)}
-
-
-def _check_matrix(s: Scenario) -> tuple[tuple[Any, ...], str] | None:
-    """Matrix axes: the workload's size axis or a KSM knob, each a list of distinct values."""
-    size_axis, size_max = SIZE_AXES[s.workload.type]
-    for key, values in s.matrix.items():
-        loc: tuple[Any, ...] = ("matrix", key)
-        if key in ("count", "clones") and key != size_axis:
-            return loc, f"a {s.workload.type} workload's size axis is '{size_axis}', not '{key}'"
-        if key == "run":
-            return loc, "'run' is switched by the workload, not an axis to sweep"
-        if key != size_axis and key not in KNOWN_KNOBS:
-            knobs = ", ".join(k for k in KNOWN_KNOBS if k != "run")
-            return loc, f"unknown axis (expected '{size_axis}' or a KSM knob: {knobs})"
-        if key in s.knobs:
-            return loc, f"also set in knobs.{key}: set it in one place"
-        for i, v in enumerate(values):
-            if key == size_axis and not (isinstance(v, int) and 1 <= v <= size_max):
-                return (*loc, i), f"expected a whole number from 1 to {size_max}, got {v!r}"
-            if key == "advisor_mode" and v not in ("none", "scan-time"):
-                return (*loc, i), f"expected 'none' or 'scan-time', got {v!r}"
-            if key not in (size_axis, "advisor_mode") and not isinstance(v, int):
-                return (*loc, i), f"expected an integer, got {v!r}"
-            if v in values[:i]:
-                return (*loc, i), f"duplicate value {v!r}"
-    w = s.workload
-    if isinstance(w, ProcessesWorkload) and "count" in s.matrix:
-        for i, step in enumerate(w.steps):
-            if isinstance(step, FillStep) and any(p != step.patterns[0] for p in step.patterns):
-                return (
-                    ("workload", "steps", i, "patterns"),
-                    "with a count axis every process needs the same pattern (it is repeated "
-                    "to each count)",
-                )
-        top = max(int(v) for v in s.matrix["count"])
-        if w.cgroup and w.cgroup.memory_limit < top * w.size:
-            return (
-                ("workload", "cgroup", "memory_limit"),
-                f"expected at least the largest count x size = {top * w.size} bytes",
-            )
-    return None

@@ -39,6 +39,20 @@ def open_connection(uri: str) -> libvirt.virConnect:
         ) from None
 
 
+def open_read_only(uri: str) -> libvirt.virConnect:
+    """A read-only connection (virConnectOpenReadOnly): libvirt itself refuses every change
+    through it. For commands that only look (doctor, watch)."""
+    try:
+        return libvirt.openReadOnly(uri)
+    except libvirt.libvirtError as e:
+        hint = ""
+        if uri.startswith("qemu") and "socket" in str(e).lower():
+            hint = " (is libvirtd running? scripts/setup.sh starts it)"
+        raise UserError(
+            f"cannot connect to libvirt at {uri}: {e.get_error_message()}{hint}"
+        ) from None
+
+
 def is_local(conn: libvirt.virConnect) -> bool:
     """True when the hypervisor runs on this host, so its files (console logs, /proc) are ours
     to read."""
@@ -58,7 +72,19 @@ def versions(conn: libvirt.virConnect) -> dict[str, Any]:
         out[conn.getType().lower()] = dotted(conn.getVersion())
     except libvirt.libvirtError:
         pass
+    out["libvirt_node_memory"] = node_memory(conn)
     return out
+
+
+def node_memory(conn: libvirt.virConnect) -> dict[str, Any]:
+    """libvirt's own view of KSM, as `virsh node-memory-tune` shows it: the shm_* values
+    (pages_to_scan, sleep_millisecs, pages_shared, ..., merge_across_nodes) read through the
+    daemon. {"error": why} when the driver has none (the test driver, a remote host that
+    refuses)."""
+    try:
+        return dict(conn.getMemoryParameters(0))
+    except libvirt.libvirtError as e:
+        return {"error": e.get_error_message()}
 
 
 def error_code(e: libvirt.libvirtError) -> int:
