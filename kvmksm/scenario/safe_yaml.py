@@ -24,7 +24,7 @@ from yaml.resolver import Resolver
 # file well under a second to refuse.
 MAX_BYTES = 256 * 1024
 MAX_DEPTH = 32
-MAX_NODES = 20_000  # after following aliases
+MAX_NODES = 10_000  # after following aliases
 
 # libyaml's parser is ten times faster than PyYAML's; both produce the same events.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
