@@ -90,8 +90,8 @@ BAD = [
     ),
     (
         "knobs:\n  run: 1\nworkload: {type: vms, base: {domain: x}, clones: 2}\n",
-        "bad.yaml:2: knobs.run: 'run' is set by the workload (ksmd goes on when the scenario says), "
-        "not a knob to pin",
+        "bad.yaml:2: knobs.run: 'run' is set by the workload (ksmd goes on when the scenario "
+        "says), not a knob to pin",
     ),
     (
         "knobs:\n  pages_to_scan: lots\nworkload: {type: vms, base: {domain: x}, clones: 2}\n",

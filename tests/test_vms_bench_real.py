@@ -100,6 +100,8 @@ def test_tiny_clones_merge_and_leave_nothing(
     assert set(vm["domain"]) == {g["name"] for g in meta["guests"]}
     assert vm.groupby("domain")["ksm_merging_pages"].max().min() > 16000
     assert meta["knobs_after"] == meta["knobs_before"]
+    # libvirt's own view of KSM (virsh node-memory-tune), read while the run's knobs were set
+    assert meta["host"]["libvirt_node_memory"]["shm_pages_to_scan"] == 1000
     assert meta["metrics"]["plateau_saved_mib"]["value"] > 127
     assert (run_json.parent / "report.html").exists()
     assert _leftovers(conn) == []

@@ -104,6 +104,7 @@ def test_watch_records_a_merging_guest_and_one_that_starts_mid_watch(
     assert res.status == "passed", res.error
     assert meta["kind"] == "watch"
     assert meta["host"]["libvirt_uri"] == URI and meta["host"].get("qemu")
+    assert meta["host"]["libvirt_node_memory"]["shm_pages_to_scan"] == knobs["pages_to_scan"]
     appeared = {e["domain"]: e for e in kinds(meta, "guest_appeared")}
     assert "running when the watch started" in appeared[g1.name]["detail"]
     assert appeared[g2.name]["pid"] == pid2
