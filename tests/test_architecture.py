@@ -15,7 +15,14 @@ PACKAGE = Path(kvmksm.__file__).parent
 
 # Lowest first. A module may import its own layer and those below, never one above.
 LAYERS = [
-    ("kvmksm", "kvmksm.errors", "kvmksm.units", "kvmksm.progress", "kvmksm.signals"),
+    (
+        "kvmksm",
+        "kvmksm.errors",
+        "kvmksm.units",
+        "kvmksm.progress",
+        "kvmksm.signals",
+        "kvmksm.security",
+    ),
     ("kvmksm.host",),
     ("kvmksm.scenario",),
     ("kvmksm.results",),
