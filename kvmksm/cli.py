@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 
 from kvmksm import __version__
 from kvmksm.errors import UserError
@@ -301,11 +300,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     sc = load_arg(args.scenario)[0] if args.scenario else None
     found = diagnose(HostFS(), sc, args.connect)
-    out = Console(highlight=False)
-    findings([f for f in found if f.level != "note"], out)
-    for f in found:  # notes (the side-channel note): said once, after the checks
-        if f.level == "note":
-            out.print(f"[blue]note[/] {escape(f.what)}", soft_wrap=True)
+    findings(found, Console(highlight=False))
     return 1 if any(f.level == "fail" for f in found) else 0
 
 

@@ -92,12 +92,21 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def format_duration(seconds: float) -> str:
-    """'1h2m3s': whole seconds, as parse_duration reads them back."""
+def format_duration(seconds: float, approx: bool = False) -> str:
+    """Seconds as scenario files write durations, which parse_duration reads back: '1h2m3s',
+    '3d4h'. With `approx`, the two largest units only (an estimate: '1h30m', not '1h30m7s')."""
     s = int(round(seconds))
-    h, rest = divmod(s, 3600)
+    if s < 60 and seconds < 1 and seconds > 0:
+        return f"{seconds:g}s"
+    d, rest = divmod(s, 86400)
+    h, rest = divmod(rest, 3600)
     m, sec = divmod(rest, 60)
-    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v) or "0s"
+    parts = [(v, u) for v, u in ((d, "d"), (h, "h"), (m, "m"), (sec, "s")) if v]
+    if approx and parts:
+        first = [u for _, u in parts][0]
+        keep = "dhms"["dhms".index(first) : "dhms".index(first) + 2]
+        parts = [(v, u) for v, u in parts if u in keep]
+    return "".join(f"{v}{u}" for v, u in parts) or "0s"
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]

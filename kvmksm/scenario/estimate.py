@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from kvmksm.scenario.model import FillStep, ProcessesWorkload, Scenario
+from kvmksm.units import format_duration
 
 # Past this longest total, bench wants --yes: such an experiment may run for days.
 LONG_SECONDS = 24 * 3600.0
@@ -52,7 +53,7 @@ class Estimate:
         if self.points > 1 or self.repeats > 1:
             runs = f"{self.points} point(s) x {self.repeats} repeat(s) = {runs}"
         low, high = self.runs * self.shortest, self.total_longest
-        span = f"up to {fmt(high)}" if low < 1 else f"{fmt(low)} to {fmt(high)}"
+        span = f"up to {_span(high)}" if low < 1 else f"{_span(low)} to {_span(high)}"
         return f"{runs}, {span} by the scenario's waits (each run: {self.parts})"
 
 
@@ -62,32 +63,23 @@ def estimate(sc: Scenario) -> Estimate:
     if isinstance(w, ProcessesWorkload):
         fills = sum(isinstance(s, FillStep) for s in w.steps)
         longest = fills * w.scan_timeout
-        parts = f"{fills} fill(s) x {w.full_scans} full scans, each up to {fmt(w.scan_timeout)}"
+        parts = f"{fills} fill(s) x {w.full_scans} full scans, each up to {_span(w.scan_timeout)}"
         return Estimate(points, sc.repeats, 0.0, longest, parts)
     if w.boot.method == "delay":
         boot_low = boot_high = w.boot.delay
-        boot = f"boot {fmt(w.boot.delay)}"
+        boot = f"boot {_span(w.boot.delay)}"
     else:
         boot_low, boot_high = 0.0, w.boot.timeout
-        boot = f"boot up to {fmt(w.boot.timeout)}"
+        boot = f"boot up to {_span(w.boot.timeout)}"
     shortest = boot_low + w.settle + w.plateau
     longest = boot_high + w.settle + w.steady.timeout + w.plateau
     parts = (
-        f"{boot} + settle {fmt(w.settle)} + steady up to {fmt(w.steady.timeout)} "
-        f"+ plateau {fmt(w.plateau)}"
+        f"{boot} + settle {_span(w.settle)} + steady up to {_span(w.steady.timeout)} "
+        f"+ plateau {_span(w.plateau)}"
     )
     return Estimate(points, sc.repeats, shortest, longest, parts)
 
 
-def fmt(seconds: float) -> str:
-    """Seconds as scenario files write durations: 45s, 10m, 1h30m, 3d4h."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{seconds:g}s" if seconds < 1 else f"{s}s"
-    d, rest = divmod(s, 86400)
-    h, rest = divmod(rest, 3600)
-    m, sec = divmod(rest, 60)
-    if d:
-        return f"{d}d{h}h" if h else f"{d}d"
-    parts = ((h, "h"), (m, "m"), (sec, "s")) if not h else ((h, "h"), (m, "m"))
-    return "".join(f"{v}{u}" for v, u in parts if v)
+def _span(seconds: float) -> str:
+    """An estimate's duration: its two largest units."""
+    return format_duration(seconds, approx=True)

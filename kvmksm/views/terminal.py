@@ -9,6 +9,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kvmksm.commands.bench import BenchResult
@@ -262,15 +263,21 @@ def plans(plans: list[DensityPlan], console: Console) -> None:
 
 
 # -- doctor and clean -----------------------------------------------------------------------
-DOCTOR_STYLE = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
+DOCTOR_STYLE = {
+    "ok": "[green]ok  [/]",
+    "warn": "[yellow]warn[/]",
+    "fail": "[bold red]FAIL[/]",
+    "note": "[blue]note[/]",
+}
 
 
 def findings(found: list[Any], console: Console) -> None:
-    """doctor's findings, one line each, with what to do where something is wrong."""
-    for f in found:
-        line = f"{DOCTOR_STYLE[f.level]} {f.what}"
+    """doctor's findings, one line each, with what to do where something is wrong; notes
+    (things to know, not to fix) after the checks."""
+    for f in sorted(found, key=lambda f: f.level == "note"):
+        line = f"{DOCTOR_STYLE[f.level]} {escape(f.what)}"
         if f.fix and f.level != "ok":
-            line += f" [dim]->[/] {f.fix}"
+            line += f" [dim]->[/] {escape(f.fix)}"
         console.print(line, soft_wrap=True)
 
 
