@@ -86,6 +86,14 @@ def test_self_contained(vm_report):
     assert re.findall(r'href="([^"#]+)"', html) == ["samples.csv", "vm_samples.csv", "run.json"]
 
 
+def test_side_channel_note_said_once(vm_report):
+    from kvmksm.security import SIDE_CHANNEL_NOTE
+
+    html = vm_report.read_text()
+    assert html.count("known side channel") == 1 and "Flip Feng Shui" in html
+    assert SIDE_CHANNEL_NOTE.split(":")[0] in html
+
+
 def test_svg_ids_are_unique_across_charts(vm_report):
     ids = re.findall(r'\sid="([^"]+)"', vm_report.read_text())
     # every chart of a VM run has ids of its own (prefixed by its name), and none repeats

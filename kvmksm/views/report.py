@@ -15,6 +15,7 @@ import yaml
 from kvmksm.analysis.metrics import Analysis, analyse, configured_scan_rate
 from kvmksm.analysis.windows import page_size
 from kvmksm.results.files import write_text
+from kvmksm.security import SIDE_CHANNEL_NOTE
 from kvmksm.results.meta import Event, Host, RunMeta, Workload
 from kvmksm.results.record import REPORT, RUN_JSON, Record, load_record
 from kvmksm.units import format_size
@@ -80,6 +81,7 @@ def build_context(record: Record) -> dict[str, Any]:
         if a.vm and not record.samples.empty
         else None,
         "vm_guests": len(a.vm.rows) if a.vm else 0,
+        "security_note": SIDE_CHANNEL_NOTE,
     }
 
 
