@@ -1,6 +1,7 @@
 """The windows every metric is taken over, and the small helpers they share.
 
-merge window   KSM on .. the first unmerge/stop/teardown after it (or the last sample)
+merge window   KSM on .. the first plateau_done/unmerge/stop/teardown after it (or the last
+               sample); what a VM run measures after plateau_done is kept out of it
 plateau        the `steady` event .. the end of the merge window; without a steady event,
                the last 10% of the merge window
 """
@@ -17,7 +18,16 @@ MIB = 1024 * 1024
 DEFAULT_PAGE = 4096
 PLATEAU_TAIL = 0.10  # share of the merge window taken as the plateau without a steady event
 # Events that end the merge window (the first one after KSM went on).
-END_KINDS = ("unmerge", "ksm_off", "stop", "teardown", "interrupted", "error", "run_end")
+END_KINDS = (
+    "plateau_done",
+    "unmerge",
+    "ksm_off",
+    "stop",
+    "teardown",
+    "interrupted",
+    "error",
+    "run_end",
+)
 
 
 def page_size(record: Record) -> int:

@@ -14,6 +14,7 @@ from kvmksm.host.ksm import Ksm
 from kvmksm.sampling.sampler import Probe
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.units import format_size
+from kvmksm.workloads import sharing
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
 POLL = 0.2  # seconds between steady-state readings
@@ -129,6 +130,8 @@ class VmsRun(Workload):
             with ctx.phase(f"holding the plateau for {spec.plateau:g}s"):
                 time.sleep(spec.plateau)
             ctx.record.event("plateau_done", f"{spec.plateau:g}s after steady")
+        # Who shares with whom, and how much more could merge: after the plateau window.
+        sharing.measure(ctx, self.pids, spec.sharing)
         self._reconcile(ctx)
         ctx.check("steady", spec.expect)
         if spec.unmerge:
