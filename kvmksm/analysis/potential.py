@@ -1,7 +1,8 @@
 """Sharing potential: the most KSM could save, from the contents of every page.
 
-Every present page of the guests' mergeable memory is hashed (blake2b, 64 bits, per page;
-all-zero pages are found with numpy and not hashed). Pages with the same content could all
+Every present page of the guests' mergeable memory is hashed (SHA-1 cut to 64 bits, per
+page: with the CPU's SHA instructions it is twice as fast as blake2b here; all-zero pages are
+found with numpy and not hashed). Pages with the same content could all
 map one frame, so potential = pages - distinct contents; KSM's own limit, max_page_sharing
 mappings per frame, gives a second, reachable figure. Beside it: what is saved now (pages -
 frames that back them, from the same pass), and what merging inside each guest alone could
@@ -38,20 +39,24 @@ READ_PAGES = 4096  # pages per pagemap look-up and per /proc/<pid>/mem read (16 
 GIB = 1 << 30
 
 
+def _digest(page: memoryview | bytes) -> bytes:
+    return hashlib.sha1(page).digest()[:8]
+
+
 def zero_hash(ps: int) -> int:
-    return int.from_bytes(hashlib.blake2b(bytes(ps), digest_size=8).digest(), "little")
+    return int.from_bytes(_digest(bytes(ps)), "little")
 
 
 def page_hashes(data: memoryview | bytes, ps: int) -> np.ndarray:
-    """One 64-bit blake2b digest per page of `data`; all-zero pages get zero_hash(ps)
-    without hashing (a vectorised test is cheaper than a digest)."""
+    """One 64-bit digest per page of `data`; all-zero pages get zero_hash(ps) without
+    hashing (a vectorised test is cheaper than a digest)."""
     view = memoryview(data)
     n = len(view) // ps
     words = np.frombuffer(view, dtype="<u8", count=n * ps // 8).reshape(n, ps // 8)
     out = np.full(n, zero_hash(ps), dtype="<u8")
     idx = np.flatnonzero(words.any(axis=1))
-    b2 = hashlib.blake2b
-    digests = b"".join([b2(view[i * ps : (i + 1) * ps], digest_size=8).digest() for i in idx])
+    sha1 = hashlib.sha1
+    digests = b"".join([sha1(view[i * ps : (i + 1) * ps]).digest()[:8] for i in idx])
     out[idx] = np.frombuffer(digests, dtype="<u8")
     return out
 
@@ -220,7 +225,7 @@ def measure_potential(
         zero_page_mappings=skipped_zero,
         not_present_pages=not_present,
         method=(
-            "blake2b (64 bits) of each present page of every MADV_MERGEABLE mapping, read "
+            "SHA-1 (64 bits) of each present page of every MADV_MERGEABLE mapping, read "
             "through /proc/<pid>/mem; pages not present and pages mapped to the zero page are "
             "not read (nothing is faulted in)"
         ),
