@@ -77,6 +77,8 @@ def test_who_shares_with_whom_exactly(real_ksm: Ksm, children: dict[str, int]) -
         real_ksm.set_knobs(EXACT)
         real_ksm.write("run", 1)
         real_ksm.wait_full_scans(3, timeout=120)
+        # ksmd stopped, merged pages kept: the counters hold still while pages are read.
+        real_ksm.write("run", 0)
         s, snap = measure_sharing(fs, real_ksm, children, tolerance=0.0)
         p = measure_potential(fs, snap, max_page_sharing=EXACT["max_page_sharing"])
     finally:
@@ -87,16 +89,23 @@ def test_who_shares_with_whom_exactly(real_ksm: Ksm, children: dict[str, int]) -
     assert (s["frames"], s["mappings"], s["saved"]) == (5, 20, 15)
     assert s["mappings_per_guest"] == [8, 5, 7]
     assert s["frames_by_sharers"] == {"1": 2, "2": 2, "3": 1}
+    assert s["foreign_mappings"] == 0  # the salted contents are ours alone
     per = {g["name"]: g for g in s["per_guest"]}
     for name in LAYOUT:  # each process's own count, from the kernel, agrees exactly
         assert per[name]["ksm_merging_pages"] == per[name]["ksm_mappings"]
         assert per[name]["ram"]["size"] == len(LAYOUT[name]) * 4096
-    # The sums against the global counters: exact when no one else uses KSM meanwhile.
-    others = s["other_ksm_users"]
-    assert s["only_these_guests"], f"other KSM users spoil the global sums: {others}"
-    assert s["counters_after"]["pages_shared"] == 5
-    assert s["counters_after"]["pages_sharing"] == 15
-    assert all(c["passed"] for c in s["checks"]), s["checks"]
+    # The sums against the global counters: exact when no one else uses KSM. Others'
+    # mergeable processes (guests of other sessions on this host) merge too when ksmd runs:
+    # each merged mapping of any process counts once in pages_shared + pages_sharing and once
+    # in its ksm_merging_pages, all frozen with ksmd stopped, so ours plus theirs is exact.
+    c = s["counters_after"]
+    if s["only_these_guests"]:
+        assert (c["pages_shared"], c["pages_sharing"]) == (5, 15)
+        assert all(x["passed"] for x in s["checks"]), s["checks"]
+    else:
+        theirs = s["other_ksm_users"]["merging_pages"]
+        assert c["pages_shared"] + c["pages_sharing"] == s["mappings"] + theirs, s
+        assert c["pages_shared"] >= 5 and c["pages_sharing"] >= 15
     # Potential as constructed: 29 pages, 14 distinct contents, all merged already.
     assert (p["pages"], p["distinct"], p["pages_with_twin"]) == (29, 14, 20)
     assert (p["potential"], p["achieved"], p["frames_now"]) == (15, 15, 14)

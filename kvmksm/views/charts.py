@@ -513,8 +513,8 @@ def sharing_heatmap(guests: list[str], pairs: list[list[int]], self_only: list[i
     names = _short_names(guests)
 
     def build() -> Figure:
-        side = min(9.0, 2.2 + 0.45 * n)
-        fig = Figure(figsize=(side + 1.6, side), layout="constrained")
+        side = min(9.0, 3.4 + 0.4 * n)
+        fig = Figure(figsize=(side + 1.4, side), layout="constrained")
         ax = fig.subplots()
         ax.grid(False)
         im = ax.imshow(m, cmap="Greens", vmin=0, vmax=max(1.0, float(m.max())))
@@ -539,9 +539,9 @@ def sharing_heatmap(guests: list[str], pairs: list[list[int]], self_only: list[i
                         color="white" if v > 0.6 * top else "#1f2328",
                         fontweight="bold" if i == j else "normal",
                     )
-        ax.set_title("KSM pages shared by each pair of guests")
+        ax.set_title("KSM frames shared, by pair of guests")
         bar = fig.colorbar(im, ax=ax, shrink=0.8)
-        bar.set_label("KSM frames (pages); diagonal: shared only inside the guest")
+        bar.set_label("KSM frames (pages)")
         _count_axis(bar.ax.yaxis)
         return fig
 
