@@ -3,9 +3,12 @@ kpageflags, kpagecount and /proc/<pid>/mem laid out as sparse files with known c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,9 +28,11 @@ from kvmksm.host.pagemap import (
     read_kpage,
     spans,
 )
+from kvmksm.results.record import RunRecord
 from kvmksm.views import charts
 from kvmksm.views.report import write_report
 from kvmksm.workloads.sharing import AUTO_LIMIT, wanted
+from kvmksm.workloads.sharing import measure as measure_step
 
 from .recordgen import vm_record
 
@@ -334,3 +339,46 @@ def test_report_says_when_sharing_was_not_measured(tmp_path: Path) -> None:
     (d / "run.json").write_text(json.dumps(meta))
     html = write_report(d).read_text()
     assert "Not measured:</strong> pagemap needs root" in html
+
+
+class _Ctx:
+    """What the sharing step uses of a RunContext."""
+
+    def __init__(self, fs: HostFS, record: RunRecord) -> None:
+        self.fs, self.ksm, self.record = fs, Ksm(fs), record
+
+    @contextlib.contextmanager
+    def phase(self, text: str) -> Iterator[Any]:
+        yield lambda *a, **k: None
+
+
+def _step_record(tmp_path: Path) -> RunRecord:
+    rec = RunRecord.create(tmp_path / "out", {"name": "step"}, None)
+    rec.update(guests=[{"name": n, "memory_kb": len(v[2]) * 4} for n, v in PROCS.items()])
+    return rec
+
+
+def test_step_records_matrix_and_potential_with_events(fake_root: Path, tmp_path: Path) -> None:
+    fs = _fake_host(fake_root)
+    rec = _step_record(tmp_path)
+    measure_step(_Ctx(fs, rec), _names(), None)  # type: ignore[arg-type]
+    meta = json.loads((rec.dir / "run.json").read_text())
+    assert meta["sharing"]["pairs"] == [[3, 2, 1], [2, 3, 2], [1, 2, 3]]
+    assert meta["sharing"]["per_guest"][0]["ram"]["size"] == 8 * PS
+    assert meta["potential"]["potential"] == 11
+    assert "after the plateau window" in meta["potential"]["taken"]
+    ev = {e["kind"]: e for e in meta["events"]}
+    assert "sums match the counters" in ev["sharing_matrix"]["detail"]
+    assert ev["sharing_potential"]["seconds"] >= 0
+    assert "potential 11 pages, achieved 10" in ev["sharing_potential"]["detail"]
+
+
+def test_step_skipped_or_failed_is_recorded(fake_root: Path, tmp_path: Path) -> None:
+    fs = _fake_host(fake_root)
+    rec = _step_record(tmp_path)
+    measure_step(_Ctx(fs, rec), _names(), False)  # type: ignore[arg-type]
+    assert "sharing" not in rec.data
+    assert rec.data["events"][-1]["kind"] == "sharing_skipped"
+    measure_step(_Ctx(fs, rec), {"A": 4242}, True)  # type: ignore[arg-type]  # no such process
+    assert rec.data["events"][-1]["kind"] == "sharing_failed"
+    assert "4242/smaps" in rec.data["sharing"]["error"] and "potential" not in rec.data

@@ -50,7 +50,7 @@ def measure(ctx: RunContext, pids: Mapping[str, int], setting: bool | None) -> N
     try:
         with ctx.phase(f"who shares with whom: reading the pages of {len(pids)} guests"):
             sharing, snap = measure_sharing(ctx.fs, ctx.ksm, pids, memory)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # recorded; the run's own figures do not depend on this step
         _failed(ctx, "sharing", e)
         return
     sharing.update(t=ctx.record.now(), taken=taken)
@@ -73,7 +73,7 @@ def measure(ctx: RunContext, pids: Mapping[str, int], setting: bool | None) -> N
                 max_page_sharing=knobs.get("max_page_sharing"),
                 guest_memory=guest_totals(memory),
             )
-    except (OSError, ValueError) as e:
+    except Exception as e:
         _failed(ctx, "potential", e)
         return
     pot.update(t=ctx.record.now(), taken=taken)
@@ -98,8 +98,9 @@ def _knobs(ctx: RunContext) -> dict[str, Any]:
 
 
 def _failed(ctx: RunContext, key: str, e: Exception) -> None:
-    ctx.record.update(**{key: {"error": str(e)}})
-    ctx.record.event(f"{key}_failed", str(e))
+    text = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+    ctx.record.update(**{key: {"error": text}})
+    ctx.record.event(f"{key}_failed", text)
 
 
 def _pct(v: float | None) -> str:

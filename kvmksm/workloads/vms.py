@@ -129,7 +129,8 @@ class VmsRun(Workload):
             # Savings and ksmd's cost at rest are measured over this stretch of the curve.
             with ctx.phase(f"holding the plateau for {spec.plateau:g}s"):
                 time.sleep(spec.plateau)
-            ctx.record.event("plateau_done", f"{spec.plateau:g}s after steady")
+        # Ends the plateau window (also with plateau: 0), so what follows stays out of it.
+        ctx.record.event("plateau_done", f"{spec.plateau:g}s after steady")
         # Who shares with whom, and how much more could merge: after the plateau window.
         sharing.measure(ctx, self.pids, spec.sharing)
         self._reconcile(ctx)
