@@ -6,14 +6,15 @@ the whole file).
     python3 bench/bench_sharing.py --procs 4 --size 256MiB --runs 3
 
 Stand-ins for QEMU: processes with a MADV_MERGEABLE mapping each, a quarter of it zero
-pages, a quarter a content common to all, half random. Reads only: no knob is written, so
-it needs no KSM lock (KSM's state does not change the cost much: the potential reads every
-present page either way). Needs root (pagemap frame numbers).
+pages, a quarter a content common to all, half random. No knob is written, but mergeable
+memory would mix into anyone else's KSM figures, so it holds the real-KSM lock
+(/tmp/kvmksm-realksm.lock) while its processes live. Needs root (pagemap frame numbers).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ from kvmksm.host.ksm import Ksm
 from kvmksm.host.pagemap import read_kpage
 from kvmksm.units import parse_size
 
+LOCK = "/tmp/kvmksm-realksm.lock"
 CHILD = """
 import mmap, os, random, sys
 size, index = int(sys.argv[1]), int(sys.argv[2])
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
     size = parse_size(a.size)
+    lock = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the process ends
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, str(size), str(i)],
