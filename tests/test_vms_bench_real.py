@@ -104,8 +104,45 @@ def test_tiny_clones_merge_and_leave_nothing(
     assert meta["host"]["libvirt_node_memory"]["shm_pages_to_scan"] == 1000
     assert meta["metrics"]["plateau_saved_mib"]["value"] > 127
     assert (run_json.parent / "report.html").exists()
+    _assert_sharing(meta, (run_json.parent / "report.html").read_text())
     assert _leftovers(conn) == []
     assert ActiveRun.load() is None
+
+
+def _assert_sharing(meta: dict, html: str) -> None:
+    """Who shares with whom and the potential, taken after the plateau window: the matrix
+    sums to the global counters (within 1%, as the reconciliation), the potential lies
+    between the saving achieved and the guests' memory."""
+    kinds = [e["kind"] for e in meta["events"]]
+    assert kinds.index("plateau_done") < kinds.index("sharing_matrix")
+    assert kinds.index("sharing_matrix") < kinds.index("sharing_potential") < kinds.index("unmerge")
+    s, p = meta["sharing"], meta["potential"]
+    names = [g["name"] for g in meta["guests"]]
+    assert s["guests"] == names
+    # Both guests map most 'z' frames and the pages their identical kernels hold alike.
+    assert s["pairs"][0][1] == s["pairs"][1][0] > 0
+    assert s["mappings"] - s["frames"] == s["saved"] >= 32640
+    for g in s["per_guest"]:
+        assert g["ram"]["size"] == 256 << 20 and g["ram_mergeable"]
+    checks = {c["name"]: c for c in s["checks"]}
+    for g in names:  # each guest's mappings against its own ksm_merging_pages
+        assert checks[f"{g}: KSM mappings = ksm_merging_pages"]["passed"], checks
+    if s["only_these_guests"]:
+        for name in ("KSM frames = pages_shared", "mappings - frames = pages_sharing"):
+            assert checks[name]["passed"] and checks[name]["relative_difference"] <= 0.01, checks
+    else:
+        # Guests of other sessions merged too: each merged mapping of any process counts
+        # once in pages_shared + pages_sharing and once in its ksm_merging_pages.
+        c = s["counters_after"]
+        total = s["mappings"] + s["other_ksm_users"]["merging_pages"]
+        glob = c["pages_shared"] + c["pages_sharing"]
+        assert abs(total - glob) <= 0.01 * glob, s
+    pages = 2 * (256 << 20) // 4096
+    assert p["achieved"] <= p["potential"] <= pages
+    assert p["potential_within_max_page_sharing"] <= p["potential"]
+    assert abs(p["achieved"] - s["saved"]) <= 0.01 * s["saved"]  # two passes, one plateau
+    assert p["bytes_read"] <= 2 * (256 << 20)
+    assert '<section id="sharing">' in html and 'id="chart-sharing"' in html
 
 
 def test_sigint_while_ksm_on_leaves_host_clean(

@@ -1,6 +1,7 @@
 """The windows every metric is taken over, and the small helpers they share.
 
-merge window   KSM on .. the first unmerge/stop/teardown after it (or the last sample)
+merge window   KSM on .. the first plateau_done/unmerge/stop/teardown after it (or the last
+               sample): what a VM run measures after its plateau is kept out of it
 plateau        where the savings are taken:
                VM runs and watches: the `steady` event .. the end of the merge window; without
                a steady event, the last 10% of the merge window;

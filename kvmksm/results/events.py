@@ -52,6 +52,11 @@ class Kind(StrEnum):
     STEADY_TIMEOUT = "steady_timeout"
     PLATEAU_DONE = "plateau_done"
     RECONCILED = "reconciled"
+    SHARING_MATRIX = "sharing_matrix"
+    SHARING_POTENTIAL = "sharing_potential"
+    SHARING_SKIPPED = "sharing_skipped"
+    SHARING_FAILED = "sharing_failed"
+    POTENTIAL_FAILED = "potential_failed"
     # watch
     WATCH_NOTE = "watch_note"
     WATCH_END = "watch_end"
@@ -66,6 +71,7 @@ class Kind(StrEnum):
 
 # Events after which the merge window of a run has ended (the first one after KSM went on).
 ENDS_MERGE = (
+    Kind.PLATEAU_DONE,
     Kind.UNMERGE,
     Kind.KSM_OFF,
     Kind.STOP,

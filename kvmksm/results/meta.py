@@ -129,6 +129,8 @@ class RunMeta(Meta):
     files: dict[str, str] = Field(default_factory=dict)
     guests: list[Guest] = Field(default_factory=list)
     reconciliation: dict[str, Any] | None = None
+    sharing: dict[str, Any] | None = None  # who shares with whom, after the plateau
+    potential: dict[str, Any] | None = None  # the most that could merge, after the plateau
     experiment: ExperimentRef | None = None
 
     @property

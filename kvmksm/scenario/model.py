@@ -199,6 +199,8 @@ class VmsWorkload(Strict):
     plateau: Duration = 10.0  # KSM stays on this long after steady: the plateau measured
     unmerge: bool = True
     expect: Annotated[Expect, AfterValidator(_check_expect_keys)] = {}
+    # Sharing matrix and potential after the plateau; unset: on when the guests are small.
+    sharing: bool | None = None
 
 
 Workload = Annotated[ProcessesWorkload | VmsWorkload, Field(discriminator="type")]

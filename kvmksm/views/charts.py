@@ -697,3 +697,62 @@ def plan_chart(d: dict[str, Any], i: int = 0) -> str:
         return fig
 
     return render(f"plan{i}", "Density plan", build)
+
+
+def sharing_heatmap(guests: list[str], pairs: list[list[int]], self_only: list[int]) -> str | None:
+    """Who shares with whom: KSM frames each pair of guests both map, and on the diagonal
+    the frames a guest shares only with itself."""
+    n = len(guests)
+    if n == 0:
+        return None
+    m = np.array(pairs, dtype=float).reshape(n, n)
+    np.fill_diagonal(m, np.array(self_only, dtype=float))
+    names = _short_names(guests)
+
+    def build() -> Figure:
+        side = min(9.0, 3.4 + 0.4 * n)
+        fig = Figure(figsize=(side + 1.4, side), layout="constrained")
+        ax = fig.subplots()
+        ax.grid(False)
+        im = ax.imshow(m, cmap="Greens", vmin=0, vmax=max(1.0, float(m.max())))
+        ticks = np.arange(n)
+        ax.set_xticks(ticks, names, rotation=90 if n > 4 else 0, fontsize=8.5)
+        ax.set_yticks(ticks, names, fontsize=8.5)
+        ax.tick_params(length=0)
+        for side_name in ("top", "right", "bottom", "left"):
+            ax.spines[side_name].set_visible(False)
+        if n <= 16:
+            top = float(m.max()) or 1.0
+            for i in range(n):
+                for j in range(n):
+                    v = m[i, j]
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:,.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8 if n > 8 else 9.5,
+                        color="white" if v > 0.6 * top else "#1f2328",
+                        fontweight="bold" if i == j else "normal",
+                    )
+        ax.set_title("KSM frames shared, by pair of guests")
+        bar = fig.colorbar(im, ax=ax, shrink=0.8)
+        bar.set_label("KSM frames (pages)")
+        _count_axis(bar.ax.yaxis)
+        return fig
+
+    return render("sharing", "Who shares with whom", build)
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Guest names without the prefix they all share (kvmksm-<run>-<base>-01 -> 01)."""
+    if len(names) < 2:
+        return list(names)
+    prefix = names[0]
+    for name in names[1:]:
+        while not name.startswith(prefix):
+            prefix = prefix[:-1]
+    cut = prefix.rfind("-") + 1 if "-" in prefix else len(prefix)
+    short = [name[cut:] or name for name in names]
+    return short if len(set(short)) == len(short) else list(names)

@@ -13,11 +13,12 @@ from typing import Any
 import yaml
 
 from kvmksm.analysis.metrics import Analysis, analyse, configured_scan_rate
+from kvmksm.analysis.potential import time_to_fraction
 from kvmksm.analysis.windows import page_size
 from kvmksm.results.files import write_text
-from kvmksm.security import SIDE_CHANNEL_NOTE
 from kvmksm.results.meta import Event, Host, RunMeta, Workload
 from kvmksm.results.record import REPORT, RUN_JSON, Record, load_record
+from kvmksm.security import SIDE_CHANNEL_NOTE
 from kvmksm.units import format_size
 from kvmksm.views import charts, html
 from kvmksm.views.fmt import fmt_duration, fmt_num, fmt_value
@@ -82,6 +83,67 @@ def build_context(record: Record) -> dict[str, Any]:
         else None,
         "vm_guests": len(a.vm.rows) if a.vm else 0,
         "security_note": SIDE_CHANNEL_NOTE,
+        "sharing": _sharing_view(record, a, ps),
+    }
+
+
+def _sharing_view(record: Record, a: Analysis, ps: int) -> dict[str, Any] | None:
+    """The sharing matrix as a heat map and the potential beside the (N-1)/N ceiling."""
+    s, p = record.meta.sharing, record.meta.potential
+    if not isinstance(s, dict) and not isinstance(p, dict):
+        return None
+    s, p = s or {}, p or {}
+    mib = ps / 1024**2
+    rows: list[tuple[str, Any, str]] = []
+    if "potential" in p:
+        mem = p.get("guest_memory_pages")
+
+        def pct(pages: Any) -> str:
+            return f"{fmt_num(100.0 * pages / mem)} % of guest memory" if mem else ""
+
+        t_on = a.windows.t_on
+        t90 = time_to_fraction(record.samples, t_on, p["potential"])
+        t90r = time_to_fraction(record.samples, t_on, p.get("potential_within_max_page_sharing"))
+        rows = [
+            ("Pages read", p["pages"], f"{fmt_num(p['pages'] * mib)} MiB"),
+            ("Distinct contents", p["distinct"], f"{fmt_num(p['zero_pages'])} zero pages"),
+            ("Pages with a twin", p["pages_with_twin"], pct(p["pages_with_twin"])),
+            ("Potential", p["potential"], pct(p["potential"])),
+            (
+                "Potential, max_page_sharing " + fmt_num(p.get("max_page_sharing")),
+                p["potential_within_max_page_sharing"],
+                pct(p["potential_within_max_page_sharing"]),
+            ),
+            ("Potential inside each guest alone", p["potential_within_guests"], ""),
+            ("Achieved (same pages, same moment)", p["achieved"], pct(p["achieved"])),
+            ("Achieved, of potential", fmt_value(p["achieved_pct_of_potential"], "%"), ""),
+            ("Ceiling (N-1)/N", fmt_value(p["ceiling_pct"], "%"), "of guest memory"),
+            ("Time to 90 % of potential", fmt_value(t90, "s"), "after KSM went on"),
+            ("Time to 90 % of the max_page_sharing potential", fmt_value(t90r, "s"), ""),
+            (
+                "Cost",
+                fmt_value(p.get("seconds"), "s"),
+                f"{fmt_value(p.get('seconds_per_gib_read'), 's')} per GiB read",
+            ),
+        ]
+    chart = None
+    if s.get("guests") and s.get("pairs"):
+        chart = charts.sharing_heatmap(s["guests"], s["pairs"], s["self_only"])
+    if s.get("guests") is not None:
+        # Records from this version on have every key; defaults keep the page rendering.
+        s = {"t": None, "taken": "", "foreign_mappings": 0, "frames_by_sharers": {}, **s}
+        s["other_ksm_users"] = {
+            "processes": 0,
+            "merging_pages": 0,
+            **(s.get("other_ksm_users") or {}),
+        }
+        s["checks"] = [{"note": "", "difference": None, **c} for c in s.get("checks", [])]
+    return {
+        "matrix": s,
+        "potential": {"taken": "", **p},
+        "chart": chart,
+        "rows": [(k, v if isinstance(v, str) else fmt_num(v), n) for k, v, n in rows],
+        "error": s.get("error") or p.get("error"),
     }
 
 

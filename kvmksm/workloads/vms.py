@@ -21,6 +21,7 @@ from kvmksm.scenario.model import VmsWorkload
 from kvmksm.units import format_size
 from kvmksm.virt.clones import Clones
 from kvmksm.virt.conn import open_connection, resolve_uri, versions
+from kvmksm.workloads import sharing
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
 POLL = 0.2  # seconds between steady-state readings
@@ -122,7 +123,10 @@ class VmsRun(Workload):
             # Savings and ksmd's cost at rest are measured over this stretch of the curve.
             with ctx.phase(f"holding the plateau for {spec.plateau:g}s"):
                 time.sleep(spec.plateau)
-            ctx.record.event(Kind.PLATEAU_DONE, f"{spec.plateau:g}s after steady")
+        # Ends the plateau window (also with plateau: 0), so what follows stays out of it.
+        ctx.record.event(Kind.PLATEAU_DONE, f"{spec.plateau:g}s after steady")
+        # Who shares with whom, and how much more could merge: after the plateau window.
+        sharing.measure(ctx, self.pids, spec.sharing)
         self._reconcile(ctx)
         ctx.check("steady", spec.expect)
         if spec.unmerge:
