@@ -14,8 +14,9 @@ from kvmksm.analysis.steady import SteadyDetector
 from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
+from kvmksm.host.process import ProcessGone, read_process
 from kvmksm.results.events import Kind
-from kvmksm.sampling.guest_rows import ProcessGone, VmProbe, read_process
+from kvmksm.sampling.guest_rows import VmProbe
 from kvmksm.sampling.sampler import Probe
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.units import format_size
