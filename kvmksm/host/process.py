@@ -229,6 +229,41 @@ def read_all(
     return rows, gone, failed
 
 
+class MergedPages:
+    """The sum of ksm_merging_pages over some processes (a run's guests), files held open.
+
+    ``read()`` is None when this kernel has no per-process figure (before 5.19) or one of
+    the processes has gone: then only the host-wide counters can tell."""
+
+    def __init__(self, fs: HostFS, pids: Sequence[int]) -> None:
+        self._files: list[ProcessFiles] = []
+        try:
+            for pid in pids:
+                self._files.append(ProcessFiles(fs, pid))
+        except (ProcessGone, OSError):
+            self.close()
+
+    def read(self) -> int | None:
+        if not self._files:
+            return None
+        total = 0
+        i = KSM_STAT_FIELDS.index("ksm_merging_pages")
+        for files in self._files:
+            try:
+                value = files.read()[i]
+            except (ProcessGone, OSError):
+                return None
+            if value is None:
+                return None
+            total += value
+        return total
+
+    def close(self) -> None:
+        for files in self._files:
+            files.close()
+        self._files = []
+
+
 class CpuClock:
     """A process's CPU time in seconds, re-read with pread: ``schedstat`` (ns) if the kernel
     has it, else utime + stime from ``stat``. ``source`` is "schedstat", "stat", or None when
