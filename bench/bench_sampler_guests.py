@@ -12,7 +12,9 @@ flock as above); `--no-ksm` only reads (the mappings are then not merged).
 
 Ticks run back to back with a short gap, on the sampler thread's real-time priority
 (SCHED_FIFO 1, as kvmksm's sampler takes it; `--normal-priority` to compare). The first tick
-opens every guest's files and is reported apart; then the mean, median, p99 and max.
+opens every guest's files and is reported apart; then the mean, median, p99 and max, and
+beside them the floor: the same two files a guest pread with nothing parsed or written.
+`--reopen` also times the reads done the old way (open, read, close each file every tick).
 """
 
 from __future__ import annotations
@@ -164,6 +166,27 @@ def run(a: argparse.Namespace, counts: list[int], children: list[int]) -> None:
             print(
                 f"               {rows} guest rows written; ksm_merging_pages summed over the "
                 f"guests {merging}; ksmd_cpu from {source}"
+            )
+            # The floor: the same two files a guest, held open and pread, nothing parsed,
+            # nothing written.
+            fds = [
+                os.open(f"/proc/{pid}/{name}", os.O_RDONLY)
+                for pid in pids.values()
+                for name in ("ksm_stat", "statm")
+            ]
+            cost = []
+            for _ in range(a.ticks):
+                time.sleep(a.gap)
+                s = time.perf_counter()
+                for fd in fds:
+                    os.pread(fd, 512, 0)
+                cost.append(time.perf_counter() - s)
+            for fd in fds:
+                os.close(fd)
+            ms = np.array(cost) * 1000
+            print(
+                f"               the reads alone (2 preads a guest): mean {ms.mean():.3f} ms  "
+                f"median {np.median(ms):.3f} ms  p99 {np.percentile(ms, 99):.3f} ms"
             )
             if a.reopen:
                 cost = []
