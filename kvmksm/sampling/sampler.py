@@ -81,7 +81,8 @@ class HostSource:
 
     @property
     def ksmd_cpu_source(self) -> str | None:
-        """ "schedstat" (ns), "stat" (utime+stime clock ticks) or None (no ksmd found)."""
+        """Where ksmd_cpu comes from: "schedstat" (ns), "stat" (utime+stime clock ticks) or
+        None (no ksmd found)."""
         return self._ksmd_clock.source
 
     def read(self, t: float) -> dict[str, Any]:
