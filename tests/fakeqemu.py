@@ -3,6 +3,7 @@ every test of QEMU discovery, per-guest sampling and watch builds its guests wit
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 
@@ -44,6 +45,15 @@ def set_merging(root: Path, pid: int, merging: int) -> None:
         f"ksm_rmap_items {merging + 10}\nksm_zero_pages 0\nksm_merging_pages {merging}\n"
         f"ksm_process_profit {merging * 4096 - 640}\nksm_merge_any: no\nksm_mergeable: yes\n"
     )
+
+
+def exit_qemu(root: Path, pid: int) -> None:
+    """The process exits: first a zombie (what the kernel shows through files a reader holds
+    open: an empty ksm_stat, a statm of zeros), then reaped (its /proc directory gone)."""
+    d = root / "proc" / str(pid)
+    (d / "ksm_stat").write_text("")
+    (d / "statm").write_text("0 0 0 0 0 0 0\n")
+    shutil.rmtree(d)
 
 
 def pidfile(root: Path, name: str, pid: int | str) -> None:

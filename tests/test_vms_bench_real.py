@@ -3,7 +3,7 @@
 Tolerance of the per-VM reconciliation: 1%. Each KSM page mapped k times counts once in
 pages_shared, k-1 times in pages_sharing and k times across the processes' ksm_merging_pages,
 so with only the run's guests merging the sums are equal; the reads are a few milliseconds
-apart, after the curve was found steady (less than 1% change over a quarter scan), so they can
+apart, after the curve was found steady (less than 1% change over a whole scan), so they can
 differ by at most what merges in those milliseconds, far below 1%.
 """
 

@@ -28,13 +28,13 @@ from kvmksm.host.fs import KSM_DIR, HostFS
 from kvmksm.host.ksm import parse_value
 from kvmksm.host.qemu import guest_name as qemu_guest_name
 from kvmksm.host.state import HostLock, bench_holder
-from kvmksm.sampling.guest_rows import VM_COLUMNS, VmProbe, read_process
+from kvmksm.sampling.guest_rows import VM_COLUMNS
 from kvmksm.views.live import PlainView, plain_line, render
 from kvmksm.views.report import write_report
 from kvmksm.virt import conn as libvirt_conn
 
 from .fakehost import KNOBS, knob_values, set_counter
-from .fakeqemu import add_qemu, pidfile, qemu_argv, set_merging
+from .fakeqemu import add_qemu, exit_qemu, pidfile, qemu_argv, set_merging
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -197,7 +197,7 @@ def test_guests_come_and_go_and_nothing_is_written(
         set_merging(fake_root, 5002, 8000)  # vm-b now saves more than vm-a
         time.sleep(0.3)
         # vm-a's QEMU exits before the next listing: the probe must skip it quietly.
-        shutil.rmtree(fake_root / "proc/5001")
+        exit_qemu(fake_root, 5001)
         timeline["a_exited"] = time.monotonic() - start
         time.sleep(0.5)
         del lister.guests["vm-a"]
@@ -298,43 +298,6 @@ def test_knob_changes_made_by_others_become_events(fake_root: Path, tmp_path: Pa
     from kvmksm.results.record import load_record
 
     assert windows(load_record(res.record_dir)).t_on == on[0]["t"]
-
-
-def test_probe_skips_a_process_that_vanished_mid_read(
-    fake_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fs = HostFS(fake_root)
-    add_qemu(fake_root, 6001, "live", merging=7)
-    add_qemu(fake_root, 6002, "exiting", merging=9)
-    add_qemu(fake_root, 6004, "old-kernel", ksm_stat=False)
-    (fake_root / "proc/6004/ksm_merging_pages").write_text("42\n")
-    real_read = HostFS.read
-
-    def read(self: HostFS, rel: str) -> str:
-        if rel == "proc/6002/statm":  # ksm_stat was read, then the process died
-            raise ProcessLookupError(3, "No such process")
-        return real_read(self, rel)
-
-    monkeypatch.setattr(HostFS, "read", read)
-    mapping = {"live": 6001, "exiting": 6002, "gone": 6003, "old-kernel": 6004}
-    probe = VmProbe(fs, lambda: mapping)
-    rows = probe.rows(1.5)
-    assert [r["domain"] for r in rows] == ["live", "old-kernel"]
-    assert rows[0] == {
-        "t": 1.5,
-        "domain": "live",
-        "pid": 6001,
-        "ksm_rmap_items": 17,
-        "ksm_zero_pages": 0,
-        "ksm_merging_pages": 7,
-        "ksm_process_profit": 7 * 4096 - 640,
-        "rss_kb": 100_000,
-    }
-    # Before Linux 6.1 there is no ksm_stat; 5.19's ksm_merging_pages still says something.
-    assert rows[1]["ksm_merging_pages"] == 42 and rows[1]["ksm_process_profit"] is None
-    assert probe.gone == 2
-    assert set(probe.last) == {"live", "old-kernel"}
-    assert read_process(fs, 6001)["rss_kb"] == 100_000
 
 
 def test_host_without_libvirt_or_ksm_says_so_and_records_what_it_can(

@@ -1,16 +1,25 @@
 """Deciding that the merge curve has levelled off.
 
-Scans, not seconds, are the natural clock. A page needs a pass to get a stable checksum, a
-pass to meet its twin in the unstable tree, and, for huge pages KSM must split first or
-twins met in the wrong order, one more to join the stable tree: merging is done after three
-full scans. Waiting for a whole fourth scan to confirm costs a third more; instead, once
-`min_full_scans` are done, a fraction of the next scan that adds (almost) nothing is enough.
-A time window can be required as well, for guests whose memory keeps changing.
+Scans, not seconds, are the natural clock. ksmd visits every mergeable page once a pass, in
+the same order each pass. A page needs a pass for a stable checksum and a pass to meet its
+twin; pages whose merge failed (a huge page KSM had to split first, a twin not yet stable)
+try again in the next pass, and their merges can let pages visited earlier in the pass merge
+in the pass after. Recorded tiny3 curves show it: nothing in pass 1, the bulk in pass 2,
+about 15 % more in pass 3, and 2 % more still in pass 4, in a clump a quarter of the way in.
+
+So a flat stretch shorter than a pass proves nothing: the pages still to merge may lie in
+the part of the pass not yet seen. What does prove it is a whole pass with (almost) no
+merges: after the last merge, every page has been visited once more in the state that merge
+left, and found nothing. The detector therefore waits until `pages_sharing` has moved by no
+more than `threshold` over the last `scan_fraction` (default 1) of a full pass, measured in
+pages scanned (`pages_scanned`, Linux 6.7+; the time of the last pass where it is missing),
+and never counts the first pass, which cannot merge anything, as evidence. At best that is
+the end of pass `min_full_scans`, when that pass itself added nothing.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from kvmksm.scenario.model import Steady
@@ -19,58 +28,77 @@ from kvmksm.scenario.model import Steady
 @dataclass
 class SteadyDetector:
     spec: Steady
+    # What the readings are: the host's pages_sharing, or e.g. a run's guests' own merged
+    # pages (the same curve, without other users of KSM on the host).
+    curve: str = "pages_sharing"
     start_scans: int | None = None
-    # (t, full_scans, pages_sharing) when KSM went on and at the end of each full scan
-    scan_ends: list[tuple[float, int, int]] = field(default_factory=list)
-    history: deque[tuple[float, int]] = field(default_factory=deque)
+    # (t, full_scans, pages_sharing, position) when KSM went on and at each pass end; the
+    # position is pages_scanned, or t on kernels without it.
+    scan_ends: list[tuple[float, int, int, float]] = field(default_factory=list)
+    # Every reading: positions (never decreasing), times, pages_sharing.
+    _x: list[float] = field(default_factory=list)
+    _t: list[float] = field(default_factory=list)
+    _p: list[int] = field(default_factory=list)
     reason: str = ""
 
-    def update(self, t: float, full_scans: int, pages_sharing: int) -> bool:
+    def update(
+        self, t: float, full_scans: int, pages_sharing: int, pages_scanned: int | None = None
+    ) -> bool:
         """Feed one reading; True once the curve is steady (`reason` says why)."""
+        x = float(pages_scanned) if pages_scanned is not None else t
+        if self._x and x < self._x[-1]:
+            x = self._x[-1]  # a counter reset (another user wrote run=2): never go back
+        self._x.append(x)
+        self._t.append(t)
+        self._p.append(pages_sharing)
         if self.start_scans is None:
             self.start_scans = full_scans
-            self.scan_ends.append((t, full_scans, pages_sharing))
-        elif full_scans > self.scan_ends[-1][1]:
-            self.scan_ends.append((t, full_scans, pages_sharing))
-        self.history.append((t, pages_sharing))
-        if self.spec.window > 0:
-            while len(self.history) > 1 and self.history[1][0] <= t - self.spec.window:
-                self.history.popleft()
+            self.scan_ends.append((t, full_scans, pages_sharing, x))
+            return False
+        if full_scans > self.scan_ends[-1][1]:
+            self.scan_ends.append((t, full_scans, pages_sharing, x))
         done = full_scans - self.start_scans
+        # A pass's length is known from the second pass on: the first may have started
+        # mid-pass (ksmd resumes where it stopped), so it never measures one.
         if done < self.spec.min_full_scans or len(self.scan_ends) < 3:
             return False
-        ref = self._reference(t)
-        if ref is None:
+        (_, _, _, x0), (_, _, _, x1) = self.scan_ends[-2], self.scan_ends[-1]
+        span = self.spec.scan_fraction * (x1 - x0)
+        if span <= 0:
             return False
-        (t0, _, _), (t1, _, p1) = ref
-        if not _small(pages_sharing - p1, pages_sharing, self.spec.threshold):
+        if x - span < self.scan_ends[1][3]:
+            return False  # the first pass merges nothing: a flat stretch there proves nothing
+        lo, hi = self._range_since(self._x, x - span)
+        if lo is None or hi is None:
+            return False
+        if not _small(hi - lo, pages_sharing, self.spec.threshold):
             return False
         if self.spec.window > 0:
-            t_first, p_first = self.history[0]
-            if t - t_first < self.spec.window or not _small(
-                pages_sharing - p_first, pages_sharing, self.spec.threshold
+            wlo, whi = self._range_since(self._t, t - self.spec.window)
+            if (
+                wlo is None
+                or whi is None
+                or not _small(whi - wlo, pages_sharing, self.spec.threshold)
             ):
                 return False
+        i = bisect_right(self._x, x - span) - 1
+        unit = "pages scanned" if pages_scanned is not None else "s of scanning"
         self.reason = (
-            f"{done} full scans since KSM on, then pages_sharing {p1} -> {pages_sharing} "
-            f"over {t - t1:.1f}s ({(t - t1) / max(t1 - t0, 1e-9):.0%} of a full scan)"
+            f"{done} full scans since KSM on; {self.curve} stayed within {hi - lo} "
+            f"({(hi - lo) / max(pages_sharing, 1):.2%}) of {pages_sharing} over the last "
+            f"{x - self._x[i]:.0f} {unit} ({self.spec.scan_fraction:g} of a full scan, "
+            f"{t - self._t[i]:.1f}s)"
         )
         return True
 
-    def _reference(self, t: float) -> tuple[tuple[float, int, int], tuple[float, int, int]] | None:
-        """The latest scan end, at least `min_full_scans` in, that lies `scan_fraction` of a
-        scan (the one before it) in the past; with the scan end before it."""
-        assert self.start_scans is not None
-        for i in range(len(self.scan_ends) - 1, 0, -1):
-            prev, end = self.scan_ends[i - 1], self.scan_ends[i]
-            if end[1] - self.start_scans < self.spec.min_full_scans:
-                return None
-            # The first interval may have started mid-pass: never measure a scan by it.
-            if i == 1:
-                return None
-            if t - end[0] >= self.spec.scan_fraction * (end[0] - prev[0]):
-                return prev, end
-        return None
+    def _range_since(self, axis: list[float], start: float) -> tuple[int | None, int | None]:
+        """Min and max pages_sharing from the last reading at or before `start` on `axis`
+        (positions or times) to now; (None, None) when no reading is that old."""
+        i = bisect_right(axis, start) - 1
+        if i < 0:
+            return None, None
+        window = self._p[i:]
+        return min(window), max(window)
 
 
 def _small(delta: int, value: int, threshold: float) -> bool:

@@ -2,59 +2,33 @@
 
 Which guests to read is asked of a callable every tick (``{domain: QEMU pid}``): bench passes
 its clones, watch the running domains it re-lists in the background. Each row holds the
-fields of ``/proc/<pid>/ksm_stat`` and ``VmRSS`` from ``/proc/<pid>/status``. A QEMU process
-can exit between the listing and the read: its row is then left out for that tick, never an
-error, so guests that stop leave no gap in the other guests' data and no hole in the host's.
+fields of ``/proc/<pid>/ksm_stat`` and the RSS from ``/proc/<pid>/statm``.
+
+The files of every guest stay open between ticks (kvmksm.host.process.ProcessFiles) and are
+opened only when the mapping changes, so a tick costs two pread() calls a guest. A QEMU
+process can exit between the listing and the read: its row is then left out, never an error,
+so guests that stop leave no gap in the other guests' data and no hole in the host's.
 """
 
 from __future__ import annotations
 
 import errno
-import os
+import resource
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kvmksm.host.fs import HostFS, parse_keyvalue
+from kvmksm.host.fs import HostFS
+from kvmksm.host.process import (
+    KSM_STAT_FIELDS,
+    ProcessFiles,
+    ProcessGone,
+    read_all,
+    read_process,
+)
 from kvmksm.results.record import VM_SAMPLES
 
-KSM_STAT_FIELDS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit")
 VM_COLUMNS = ["t", "domain", "pid", *KSM_STAT_FIELDS, "rss_kb"]
-
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-# The process has gone (ENOENT: /proc/<pid> is gone; ESRCH: it is exiting).
-_GONE = (errno.ENOENT, errno.ESRCH)
-
-
-class ProcessGone(Exception):
-    pass
-
-
-def read_process(fs: HostFS, pid: int) -> dict[str, int | None]:
-    """The ksm_stat fields and VmRSS (kB) of one process; a field this kernel (or these
-    permissions) cannot give is None. Raises ProcessGone when the process no longer exists."""
-    out: dict[str, int | None] = dict.fromkeys(KSM_STAT_FIELDS)
-    try:
-        stat = parse_keyvalue(fs.read(f"proc/{pid}/ksm_stat"))
-        for f in KSM_STAT_FIELDS:
-            out[f] = stat.get(f)
-    except OSError as e:
-        if e.errno == errno.ESRCH:
-            raise ProcessGone(pid) from None
-        # ENOENT: gone, or a kernel before 6.1 (no ksm_stat): status below tells which.
-        # Before 6.1, 5.19's ksm_merging_pages file may still be there.
-        try:
-            out["ksm_merging_pages"] = int(fs.read(f"proc/{pid}/ksm_merging_pages").split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    try:
-        # statm's resident pages is VmRSS, at a fraction of the cost of parsing status.
-        out["rss_kb"] = int(fs.read(f"proc/{pid}/statm").split()[1]) * PAGE_KB
-    except OSError as e:
-        if e.errno in _GONE:
-            raise ProcessGone(pid) from None
-        out["rss_kb"] = None  # one unreadable file must not cost the other guests' rows
-    return out
+_VALUE_COLUMNS = (*KSM_STAT_FIELDS, "rss_kb")
 
 
 class VmProbe:
@@ -70,18 +44,112 @@ class VmProbe:
         self.fs = fs
         self.guests = guests
         self.columns = list(VM_COLUMNS)
-        self.last: dict[str, dict[str, Any]] = {}  # latest row per domain, for live views
+        self._last: list[tuple[Any, ...]] = []  # this tick's rows, for live views
         self.gone = 0  # reads skipped because the process had exited
+        self._mapping: dict[str, int] = {}
+        # (domain, pid) -> its open files, or None: read by path each tick (no fds left)
+        self._files: dict[tuple[str, int], ProcessFiles | None] = {}
+        self._dead: set[tuple[str, int]] = set()  # exited, still listed: not reopened
+        self._held: list[tuple[tuple[str, int], ProcessFiles]] = []
+        self._by_path: list[tuple[str, int]] = []
 
-    def rows(self, t: float) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for domain, pid in sorted(self.guests().items()):
+    def _sync(self, mapping: Mapping[str, int]) -> None:
+        """Open the files of guests new to the mapping, close those of guests that left."""
+        wanted = set(mapping.items())
+        for key in set(self._files) - wanted:
+            files = self._files.pop(key)
+            if files is not None:
+                files.close()
+        self._dead &= wanted
+        for key in sorted(wanted - set(self._files) - self._dead):
             try:
-                values = read_process(self.fs, pid)
+                self._files[key] = self._open_files(key[1])
             except ProcessGone:
-                self.gone += 1
+                self._dead.add(key)
+        self._mapping = dict(mapping)
+        self._index()
+
+    def _open_files(self, pid: int) -> ProcessFiles | None:
+        try:
+            return ProcessFiles(self.fs, pid)
+        except OSError as e:
+            if e.errno != errno.EMFILE or not _raise_fd_limit():
+                return None  # read this guest the slow way rather than lose it
+            try:
+                return ProcessFiles(self.fs, pid)
+            except OSError:
+                return None
+
+    def rows(self, t: float) -> list[tuple[Any, ...]]:
+        """This tick's rows, each a tuple in ``columns`` order (no dict per row: at a
+        thousand guests a tick, building and writing dicts cost as much as the reads)."""
+        mapping = self.guests()
+        if mapping != self._mapping:
+            self._sync(mapping)
+        head = (round(t, 3),)
+        out, dropped, failed = read_all(self._held, head)
+        by_path = self._by_path + failed
+        for key in failed:
+            # Something odd about this one guest's files: read it the slow way from now on
+            # rather than lose the tick for every guest.
+            self._slow(key)
+        for key in by_path:
+            try:
+                values = read_process(self.fs, key[1])
+            except ProcessGone:
+                dropped.append(key)
                 continue
-            out.append({"t": round(t, 3), "domain": domain, "pid": pid, **values})
-        # Replaced whole, so a reader in another thread never sees it half-built.
-        self.last = {r["domain"]: r for r in out}
+            out.append(head + key + tuple(values[c] for c in _VALUE_COLUMNS))
+        if by_path:
+            out.sort(key=lambda r: r[1])  # slow-path rows came last: domain order as always
+        if dropped:
+            for key in dropped:
+                files = self._files.pop(key)
+                if files is not None:
+                    files.close()
+                self._dead.add(key)
+            self._index()
+        self.gone += len(self._dead)
+        self._last = out  # replaced whole: a reader in another thread never sees it half-built
         return out
+
+    @property
+    def last(self) -> dict[str, dict[str, Any]]:
+        """The latest row of each guest as a dict, by domain (for live views)."""
+        cols = self.columns
+        return {r[1]: dict(zip(cols, r, strict=True)) for r in self._last}
+
+    def _slow(self, key: tuple[str, int]) -> None:
+        files = self._files.get(key)
+        if files is not None:
+            files.close()
+        self._files[key] = None
+        self._index()
+
+    def _index(self) -> None:
+        """The guests read through held files, and those read by path, in domain order."""
+        keys = sorted(self._files)
+        self._held = [(k, f) for k in keys if (f := self._files[k]) is not None]
+        self._by_path = [k for k in keys if self._files[k] is None]
+
+    def close(self) -> None:
+        for files in self._files.values():
+            if files is not None:
+                files.close()
+        self._files.clear()
+        self._index()
+        self._mapping = {}
+
+
+def _raise_fd_limit() -> bool:
+    """Two files a guest: with a thousand guests a soft limit of 1024 open files is too low.
+    Raise it (for this process only) to the hard limit; True if that gave more room."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return False
+    new = hard if hard != resource.RLIM_INFINITY else max(soft * 4, 65536)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        return False
+    return True

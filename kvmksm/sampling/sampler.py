@@ -13,8 +13,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from kvmksm.host.fs import KSM_DIR, HostFS, parse_keyvalue, parse_meminfo, parse_stat_cpu_ticks
+from kvmksm.host.fs import KSM_DIR, HostFS, parse_keyvalue, parse_meminfo
 from kvmksm.host.ksm import Ksm, parse_value
+from kvmksm.host.process import CpuClock
 from kvmksm.results.record import RunRecord, utc_now
 
 MEMINFO_FIELDS = (
@@ -27,16 +28,17 @@ MEMINFO_FIELDS = (
     "Shmem",
 )
 VMSTAT_FIELDS = ("cow_ksm", "ksm_swpin_copy")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Probe(Protocol):
-    """An extra per-tick source with a CSV of its own (e.g. per-VM ksm_stat)."""
+    """An extra per-tick source with a CSV of its own (e.g. per-VM ksm_stat): each tick,
+    rows as sequences in ``columns`` order. A probe with a ``close()`` has it called when
+    the sampler stops."""
 
     filename: str
     columns: list[str]
 
-    def rows(self, t: float) -> list[dict[str, Any]]: ...
+    def rows(self, t: float) -> Sequence[Sequence[Any]]: ...
 
 
 class HostSource:
@@ -60,8 +62,10 @@ class HostSource:
             if self._vmstat is not None and f in parse_keyvalue(_pread(self._vmstat, 16384))
         ]
         self.ksmd_pid = fs.pid_of("ksmd")
-        self._ksmd_stat = _open_or_none(fs, f"proc/{self.ksmd_pid}/stat") if self.ksmd_pid else None
-        self._last_cpu: tuple[float, int] | None = None
+        # schedstat's nanoseconds where the kernel has them: stat's 10 ms ticks make a 0.1 s
+        # sample read 0 % or 10 %. `ksmd_cpu_source` says which one the column came from.
+        self._ksmd_clock = CpuClock(fs, self.ksmd_pid)
+        self._last_cpu: tuple[float, float] | None = None
         self.columns = [
             "t",
             "time",
@@ -74,6 +78,12 @@ class HostSource:
     @property
     def ksm_columns(self) -> list[str]:
         return list(self._ksm_fds)
+
+    @property
+    def ksmd_cpu_source(self) -> str | None:
+        """Where ksmd_cpu comes from: "schedstat" (ns), "stat" (utime+stime clock ticks) or
+        None (no ksmd found)."""
+        return self._ksmd_clock.source
 
     def read(self, t: float) -> dict[str, Any]:
         row: dict[str, Any] = {"t": round(t, 3), "time": utc_now()}
@@ -91,29 +101,25 @@ class HostSource:
         return row
 
     def _ksmd_cpu(self, t: float) -> float | None:
-        """Percent of one CPU ksmd used since the previous read (utime+stime from stat)."""
-        if self._ksmd_stat is None:
+        """Percent of one CPU ksmd used since the previous read."""
+        seconds = self._ksmd_clock.seconds()
+        if seconds is None:
             return None
-        try:
-            ticks = parse_stat_cpu_ticks(_pread(self._ksmd_stat))
-        except (OSError, ValueError):
-            return None
-        last, self._last_cpu = self._last_cpu, (t, ticks)
+        last, self._last_cpu = self._last_cpu, (t, seconds)
         if last is None or t <= last[0]:
             return None
-        return round(100.0 * (ticks - last[1]) / CLK_TCK / (t - last[0]), 2)
+        return round(100.0 * (seconds - last[1]) / (t - last[0]), 2)
 
     def ksmd_cpu_seconds(self) -> float | None:
-        if self._ksmd_stat is None:
-            return None
-        return parse_stat_cpu_ticks(_pread(self._ksmd_stat)) / CLK_TCK
+        return self._ksmd_clock.seconds()
 
     def close(self) -> None:
-        for fd in [*self._ksm_fds.values(), self._meminfo, self._vmstat, self._ksmd_stat]:
+        for fd in [*self._ksm_fds.values(), self._meminfo, self._vmstat]:
             if fd is not None:
                 os.close(fd)
         self._ksm_fds.clear()
-        self._meminfo = self._vmstat = self._ksmd_stat = None
+        self._meminfo = self._vmstat = None
+        self._ksmd_clock.close()
 
 
 class Sampler:
@@ -138,13 +144,18 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def ksmd_cpu_source(self) -> str | None:
+        """Where the ksmd_cpu column comes from (for run.json): "schedstat", "stat" or None."""
+        return self.source.ksmd_cpu_source
+
     def tick(self) -> dict[str, Any]:
         t = self.record.now()
         row = self.source.read(t)
         self.out.write(row)
         for probe, out in zip(self.probes, self.probe_out, strict=True):
             try:
-                out.write_many(probe.rows(t))
+                out.write_sequences(probe.rows(t))
             except Exception as e:  # a guest vanishing must not stop host sampling
                 self.errors.append(f"{probe.filename}: {e}")
         self.last = row
@@ -186,6 +197,10 @@ class Sampler:
         self.out.close()
         for out in self.probe_out:
             out.close()
+        for probe in self.probes:
+            close = getattr(probe, "close", None)  # probes that keep files open
+            if close is not None:
+                close()
         self.source.close()
 
 

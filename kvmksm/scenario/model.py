@@ -172,13 +172,14 @@ class GuestFill(Strict):
 
 class Steady(Strict):
     """The merge curve is steady once `min_full_scans` full scans have completed since KSM
-    went on and `pages_sharing` then moved by less than `threshold` (a fraction of its value)
-    over the next `scan_fraction` of a full scan (and, when `window` > 0, over the last
-    `window` too)."""
+    went on and `pages_sharing` moved by no more than `threshold` (a fraction of its value)
+    over the last `scan_fraction` of a full scan's worth of scanning, after the first pass
+    (and, when `window` > 0, over the last `window` too). Less than a whole scan can declare
+    a curve steady that is still rising (kvmksm.analysis.steady says why)."""
 
     min_full_scans: int = Field(default=3, ge=1)
     threshold: float = Field(default=0.01, ge=0)
-    scan_fraction: float = Field(default=0.25, gt=0, le=1)
+    scan_fraction: float = Field(default=1.0, gt=0, le=1)
     window: Duration = 0.0
     timeout: Duration = 600.0
 

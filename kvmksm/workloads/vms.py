@@ -14,8 +14,9 @@ from kvmksm.analysis.steady import SteadyDetector
 from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
+from kvmksm.host.process import MergedPages, ProcessGone, read_process
 from kvmksm.results.events import Kind
-from kvmksm.sampling.guest_rows import ProcessGone, VmProbe, read_process
+from kvmksm.sampling.guest_rows import VmProbe
 from kvmksm.sampling.sampler import Probe
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.units import format_size
@@ -24,7 +25,7 @@ from kvmksm.virt.conn import open_connection, resolve_uri, versions
 from kvmksm.workloads import sharing
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
-POLL = 0.2  # seconds between steady-state readings
+POLL = 0.05  # seconds between steady-state readings (a reading is three sysfs reads)
 
 
 def _memory_of(xml: str) -> int:
@@ -151,33 +152,51 @@ class VmsRun(Workload):
 
     def _until_steady(self, ctx: RunContext) -> None:
         spec = self.spec.steady
-        det = SteadyDetector(spec)
         start = time.monotonic()
         page = os.sysconf("SC_PAGE_SIZE")
-        with ctx.phase("KSM on: waiting for the merge curve to level off") as update:
-            while True:
-                scans = int(ctx.ksm.read("full_scans"))
-                sharing = int(ctx.ksm.read("pages_sharing"))
-                elapsed = time.monotonic() - start
-                if det.update(elapsed, scans, sharing):
-                    ctx.record.event(
-                        Kind.STEADY, det.reason, seconds=round(elapsed, 3), pages_sharing=sharing
+        # Where ksmd is in its pass (Linux 6.7+): the detector's window is in pages scanned.
+        has_scanned = "pages_scanned" in ctx.ksm.counters()
+        # The guests' own merged pages (ksm_stat) are what this run is about: unlike the
+        # host-wide pages_sharing, other users of KSM on the host cannot move them.
+        guests = MergedPages(ctx.fs, list(self.pids.values()))
+        curve = "the guests' ksm_merging_pages" if guests.read() is not None else "pages_sharing"
+        det = SteadyDetector(spec, curve=curve)
+        try:
+            with ctx.phase("KSM on: waiting for the merge curve to level off") as update:
+                while True:
+                    scans = int(ctx.ksm.read("full_scans"))
+                    sharing = int(ctx.ksm.read("pages_sharing"))
+                    scanned = int(ctx.ksm.read("pages_scanned")) if has_scanned else None
+                    merged = guests.read() if det.curve != "pages_sharing" else None
+                    if merged is None and det.curve != "pages_sharing":
+                        # A guest's process went away: go on with the host-wide counter.
+                        det = SteadyDetector(spec)
+                    elapsed = time.monotonic() - start
+                    value = merged if merged is not None else sharing
+                    if det.update(elapsed, scans, value, scanned):
+                        ctx.record.event(
+                            Kind.STEADY,
+                            det.reason,
+                            seconds=round(elapsed, 3),
+                            pages_sharing=sharing,
+                        )
+                        return
+                    if elapsed > spec.timeout:
+                        ctx.record.event(
+                            Kind.STEADY_TIMEOUT,
+                            f"not steady after {spec.timeout:g}s (pages_sharing {sharing})",
+                            seconds=round(elapsed, 3),
+                            pages_sharing=sharing,
+                        )
+                        return
+                    update(
+                        f"KSM on {elapsed:.0f}s: pages_sharing {sharing} "
+                        f"({format_size(sharing * page)} saved), "
+                        f"{scans - (det.start_scans or scans)} full scans"
                     )
-                    return
-                if elapsed > spec.timeout:
-                    ctx.record.event(
-                        Kind.STEADY_TIMEOUT,
-                        f"not steady after {spec.timeout:g}s (pages_sharing {sharing})",
-                        seconds=round(elapsed, 3),
-                        pages_sharing=sharing,
-                    )
-                    return
-                update(
-                    f"KSM on {elapsed:.0f}s: pages_sharing {sharing} "
-                    f"({format_size(sharing * page)} saved), "
-                    f"{scans - (det.start_scans or scans)} full scans"
-                )
-                time.sleep(POLL)
+                    time.sleep(POLL)
+        finally:
+            guests.close()
 
     def _reconcile(self, ctx: RunContext) -> None:
         """The sum of the guests' ksm_merging_pages against pages_shared + pages_sharing.
