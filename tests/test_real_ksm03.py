@@ -40,6 +40,8 @@ def test_ksm03_exact_counts(real_ksm: Ksm, tmp_path: Path) -> None:
     assert checks["step 4 fill d/d+e/d: pages_unshared"]["observed"] == 1
     assert checks["step 5 unmerge: pages_sharing"]["observed"] == 0
     assert meta["knobs_after"] == meta["knobs_before"]
+    # this kernel has /proc/<ksmd>/schedstat: ksmd_cpu in nanoseconds, not 10 ms ticks
+    assert meta["sampler"]["ksmd_cpu_source"] == "schedstat"
     assert "checks: 30 passed, 0 failed" in proc.stdout
     kinds = [e["kind"] for e in meta["events"]]
     assert kinds.count("verified") == 5 and kinds.count("scans_done") == 4

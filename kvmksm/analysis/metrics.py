@@ -347,13 +347,16 @@ def _speed(
 def _cost(record: Record, w: Windows, plateau: float | None) -> dict[str, dict[str, Any]]:
     s, m = record.samples, {}
     to_plateau = ksmd_cpu_seconds(s, w.t_on, w.plateau_start) if w.t_on is not None else None
-    source = (record.meta.extra("sampler") or {}).get("ksmd_cpu_source")
+    source = record.meta.sampler.get("ksmd_cpu_source")
     m["ksmd_cpu_s"] = metric(
         "ksmd CPU, whole run",
         ksmd_cpu_seconds(s),
         "CPU s",
         "Sum over samples of ksmd's CPU percent / 100 x seconds since the previous sample.",
-        f"ksmd's CPU time from {source}" if source else "",
+        {
+            "schedstat": "from /proc/<ksmd>/schedstat (nanoseconds)",
+            "stat": "from /proc/<ksmd>/stat: clock ticks, coarse on short samples",
+        }.get(source or "", ""),
     )
     m["ksmd_cpu_to_plateau_s"] = metric(
         "ksmd CPU to reach the savings",

@@ -107,6 +107,7 @@ def _run_locked(
             record.update(knobs_during=ksm.read_knobs())
             record.event(Kind.KNOBS_SET, ", ".join(f"{k}={v}" for k, v in sc.knobs.items()))
             sampler = Sampler(fs, record, sc.sample_interval, workload.probes())
+            record.update(sampler=sampler.describe())
             sampler.start()
             workload.run(ctx)
             status = "passed" if ctx.failed_checks == 0 else "failed"

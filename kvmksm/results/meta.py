@@ -127,6 +127,7 @@ class RunMeta(Meta):
     checks: list[Check] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)
+    sampler: dict[str, Any] = Field(default_factory=dict)  # interval, ksmd_cpu_source
     guests: list[Guest] = Field(default_factory=list)
     reconciliation: dict[str, Any] | None = None
     sharing: dict[str, Any] | None = None  # who shares with whom, after the plateau

@@ -149,6 +149,10 @@ class Sampler:
         """Where the ksmd_cpu column comes from (for run.json): "schedstat", "stat" or None."""
         return self.source.ksmd_cpu_source
 
+    def describe(self) -> dict[str, Any]:
+        """What the record keeps about how it was sampled."""
+        return {"interval": self.interval, "ksmd_cpu_source": self.ksmd_cpu_source}
+
     def tick(self) -> dict[str, Any]:
         t = self.record.now()
         row = self.source.read(t)

@@ -165,6 +165,7 @@ def watch(
             tracker.refresh()
             _note_other_users(fs, record, tracker, messages.put)
             sampler = Sampler(fs, record, interval, [probe])
+            record.update(sampler=sampler.describe())
             knob_names = [k for k in knobs if k in sampler.source.columns]
             sampler.start()
             tracker.start()
