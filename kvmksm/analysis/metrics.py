@@ -29,6 +29,7 @@ from kvmksm.analysis.windows import (
     saved_pages,
     windows,
 )
+from kvmksm.host.ksm import KNOWN_COUNTERS
 from kvmksm.results.events import Kind
 from kvmksm.results.record import Record
 
@@ -236,6 +237,26 @@ def effective_scan_rate(record: Record, w: Windows) -> float | None:
     return float((v.iloc[-1] - v.iloc[0]) / (t.iloc[-1] - t.iloc[0]))
 
 
+def missing_column(record: Record, name: str) -> str:
+    """Why a counter is not in a record, said truthfully: the record's kernel predates it, or
+    it simply was not sampled."""
+    added = KNOWN_COUNTERS.get(name)
+    release = record.meta.host.kernel_release or "?"
+    if added and _version(release) < _version(added):
+        return f"this kernel ({release}) has no {name}: it appeared in Linux {added}"
+    return f"no {name} column in this record (Linux has it from {added or '?'} on)"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'6.1.0-test' -> (6, 1, 0): enough to order kernel releases."""
+    parts = []
+    for piece in text.split("-")[0].split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
 def _delta(s: pd.DataFrame, col: pd.Series, start: float | None, end: float | None) -> float | None:
     if start is None or end is None:
         return None
@@ -384,13 +405,15 @@ def _cost(record: Record, w: Windows, plateau: float | None) -> dict[str, dict[s
         "MiB",
         "Kernel's own net saving: (pages_sharing + ksm_zero_pages) x page size minus KSM's "
         f"rmap_item metadata; median {w.where}.",
-        "" if profit is not None else "this kernel has no general_profit (added in 6.1)",
+        "" if profit is not None else missing_column(record, "general_profit"),
     )
+    unmerge = unmerge_seconds(record)
     m["unmerge_s"] = metric(
         "Unmerge time",
-        unmerge_seconds(record),
+        unmerge,
         "s",
         "Seconds the write of 2 to /sys/kernel/mm/ksm/run took: breaking every merged page.",
+        "" if unmerge is not None else "the run did not unmerge (run=2)",
     )
     return m
 
@@ -402,7 +425,7 @@ def _scanning(record: Record, w: Windows) -> dict[str, dict[str, Any]]:
     if rate is not None:
         why = ""
     elif column(s, "pages_scanned") is None:
-        why = "this kernel has no pages_scanned (added in 6.7)"
+        why = missing_column(record, "pages_scanned")
     else:
         why = "fewer than two samples in the merge window"
     m["scan_rate"] = metric(
@@ -424,6 +447,7 @@ def _scanning(record: Record, w: Windows) -> dict[str, dict[str, Any]]:
         ratio(rate, configured, 100.0),
         "%",
         "Effective scan rate as a percentage of the configured one.",
+        "" if rate is not None and configured else "needs both scan rates (see their notes)",
     )
     full = column(s, "full_scans")
     m["full_scans"] = metric(

@@ -16,7 +16,7 @@ from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm, ksm_processes
 from kvmksm.host.state import ActiveRun, HostLock
 from kvmksm.progress import Progress, Silent
-from kvmksm.results.events import Kind
+from kvmksm.results.events import SAMPLED, Kind
 from kvmksm.results.record import RunRecord, load_record
 from kvmksm.sampling.sampler import Sampler
 from kvmksm.scenario.model import ProcessesWorkload, Scenario
@@ -109,6 +109,7 @@ def _run_locked(
             sampler = Sampler(fs, record, sc.sample_interval, workload.probes())
             record.update(sampler=sampler.describe())
             sampler.start()
+            record.on_event = lambda kind: sampler.poke() if kind in SAMPLED else None
             workload.run(ctx)
             status = "passed" if ctx.failed_checks == 0 else "failed"
         except (KeyboardInterrupt, Interrupted) as e:
@@ -170,6 +171,7 @@ def _teardown(
     ctx: RunContext, workload: Workload, sampler: Sampler | None, saved: dict[str, Any]
 ) -> list[str]:
     problems: list[str] = []
+    ctx.record.on_event = None  # the sampler stops here: no more extra samples
     if sampler is not None:
         sampler.stop()
         if sampler.errors:

@@ -80,3 +80,17 @@ ENDS_MERGE = (
     Kind.ERROR,
     Kind.RUN_END,
 )
+
+# Events at which a run takes an extra sample (off the sampler's schedule): the counters as
+# they were at each moment a figure or a check is taken, however short the run.
+SAMPLED = (
+    Kind.KSM_ON,
+    Kind.ROUND_FILLED,
+    Kind.SCANS_DONE,
+    Kind.ROUND_CHECKED,
+    Kind.UNMERGE,
+    Kind.STOP,
+    Kind.ALL_UP,
+    Kind.STEADY,
+    Kind.PLATEAU_DONE,
+)

@@ -80,6 +80,8 @@ class RunRecord:
         self.data = data
         self.t0 = time.monotonic()
         self.write_error: str | None = None
+        # Called after an event is logged, with its kind (a run pokes its sampler here).
+        self.on_event: Callable[[str], None] | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -123,6 +125,8 @@ class RunRecord:
         with self._lock:
             self.data["events"].append(ev)
             self._save_locked()
+        if self.on_event is not None:
+            self.on_event(ev["kind"])
         return ev
 
     def check(self, name: str, expected: Any, observed: Any, passed: bool, **extra: Any) -> None:

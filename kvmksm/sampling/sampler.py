@@ -142,6 +142,9 @@ class Sampler:
         self.errors: list[str] = []
         self.last: dict[str, Any] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by poke() and stop()
+        self._poked = False
+        self.extra = 0  # samples taken off the schedule, at events
         self._thread: threading.Thread | None = None
 
     @property
@@ -165,6 +168,35 @@ class Sampler:
         self.last = row
         return row
 
+    def poke(self) -> None:
+        """Take one extra sample now, off the schedule: a run calls it at the events that
+        matter (a fill's scans done, KSM on, steady, unmerge), so a short run's record holds
+        the counters as they were at each of them, whatever the sample interval."""
+        self._poked = True
+        self._wake.set()
+
+    def _wait(self, delay: float) -> bool:
+        """Sleep until the deadline, taking the extra samples poke() asks for meanwhile;
+        True when stopped."""
+        end = time.monotonic() + delay
+        while not self._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self._wake.wait(left)
+            self._wake.clear()
+            if self._poked and not self._stop.is_set():
+                self._poked = False
+                self.extra += 1
+                self._safe_tick()
+        return True
+
+    def _safe_tick(self) -> None:
+        try:
+            self.tick()
+        except Exception as e:
+            self.errors.append(str(e))
+
     def _loop(self) -> None:
         self.realtime = _realtime_thread()
         start = time.monotonic()
@@ -172,13 +204,10 @@ class Sampler:
         while not self._stop.is_set():
             deadline = start + k * self.interval
             delay = deadline - time.monotonic()
-            if delay > 0 and self._stop.wait(delay):
+            if delay > 0 and self._wait(delay):
                 break
             self.lateness.append(time.monotonic() - deadline)
-            try:
-                self.tick()
-            except Exception as e:
-                self.errors.append(str(e))
+            self._safe_tick()
             # Next deadline still ahead of us; count the ones a stall skipped.
             nxt = int((time.monotonic() - start) / self.interval) + 1
             self.missed += max(0, nxt - k - 1)
@@ -191,6 +220,7 @@ class Sampler:
     def stop(self, final_tick: bool = True) -> None:
         if self._thread is not None:
             self._stop.set()
+            self._wake.set()
             self._thread.join()
             self._thread = None
             if final_tick:

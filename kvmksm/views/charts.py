@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
@@ -26,7 +27,7 @@ from kvmksm.analysis.grouping import Group
 from kvmksm.analysis.metrics import aligned_curve
 from kvmksm.analysis.per_guest import VmAnalysis, row_sums
 from kvmksm.analysis.windows import MIB, Windows, column, saved_pages
-from kvmksm.results.meta import Event
+from kvmksm.results.meta import Check, Event
 
 # Figures are built with Figure() and saved straight to SVG, never shown; Agg keeps a caller's
 # later pyplot import from looking for a display.
@@ -317,14 +318,18 @@ def merge_chart(
     w: Windows,
     ps: int,
     zoom: tuple[float, float] | None = None,
+    checks: Sequence[Check] = (),
 ) -> str:
     """KSM counters in pages (left) and the same scale in MiB (right), saved memory shaded;
-    with `zoom` (start, end in s), only that part of the run."""
+    with `zoom` (start, end in s), only that part of the run. A counter holds its value until
+    the next sample, so the curves are steps; the exact checks a scenario states are marked
+    where they were taken (filled: passed, a cross: failed)."""
     title = "Merge curves: KSM counters and memory saved"
     if zoom is not None:
         keep = samples["t"].between(*zoom)
         samples = samples[keep]
         events = [e for e in events if zoom[0] <= e.t <= zoom[1]]
+        checks = [c for c in checks if c.t is not None and zoom[0] <= c.t <= zoom[1]]
         title = "Merge curves, zoomed on the rise after KSM went on"
 
     def build() -> Figure:
@@ -333,13 +338,16 @@ def merge_chart(
         ax = f.panels[0]
         x = t / f.scale
         xs, ys = reduce_minmax(x, saved_pages(samples).to_numpy(float))
-        ax.fill_between(xs, ys, color=SAVED, alpha=0.45, lw=0, zorder=0)
+        ax.fill_between(xs, ys, color=SAVED, alpha=0.45, lw=0, zorder=0, step="post")
         handles: list[Any] = [Patch(color=SAVED, label="memory saved (pages_sharing + zero pages)")]
         for name, (colour, label) in SERIES.items():
             col = column(samples, name)
             if col is not None:
                 xs, ys = reduce_minmax(x, col.to_numpy(float))
-                handles += ax.plot(xs, ys, color=colour, label=label, zorder=3)
+                handles += ax.plot(
+                    xs, ys, color=colour, label=label, zorder=3, drawstyle="steps-post"
+                )
+        handles += _check_marks(ax, checks, f.scale)
         ax.set_ylim(bottom=0)
         _count_axis(ax.yaxis)
         ax.set_ylabel("pages")
@@ -351,6 +359,44 @@ def merge_chart(
 
     name = "merge" if zoom is None else "merge-zoom"
     return render(name, "Merge curves" + (", zoomed" if zoom else ""), build)
+
+
+def _check_marks(ax: Axes, checks: Sequence[Check], scale: float) -> list[Any]:
+    """The scenario's checks of the charted counters, at the time and value observed."""
+    handles: list[Any] = []
+    for outcome, marker in ((True, "o"), (False, "X")):
+        for name, (colour, _) in SERIES.items():
+            pts = [
+                (c.t / scale, c.observed)
+                for c in checks
+                if c.passed is outcome
+                and c.t is not None
+                and isinstance(c.observed, int)
+                and c.name.rsplit(": ", 1)[-1] == name
+            ]
+            if pts:
+                ax.scatter(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker=marker,
+                    s=42,
+                    facecolor=colour if outcome else "#c62828",
+                    edgecolor="white",
+                    zorder=5,
+                )
+        if any(c.passed is outcome and c.t is not None for c in checks):
+            label = "check passed" if outcome else "check FAILED"
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    ls="",
+                    marker=marker,
+                    color="#616161" if outcome else "#c62828",
+                    label=label,
+                )
+            )
+    return handles
 
 
 def zoom_window(samples: pd.DataFrame, w: Windows) -> tuple[float, float] | None:

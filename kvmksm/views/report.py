@@ -192,8 +192,8 @@ def _cards(a: Analysis, notes: dict[str, int]) -> list[dict[str, Any]]:
             ("ceiling (N-1)/N = {} of guest memory", m["ceiling_pct"])
         ),
         "ksmd_cpu_s": _join(
-            ("{} to reach the plateau", m["ksmd_cpu_to_plateau_s"]),
-            ("{} on the plateau", m["ksmd_cpu_plateau_pct"]),
+            ("{} to reach the savings", m["ksmd_cpu_to_plateau_s"]),
+            (f"{{}} {a.windows.cost_what}", m["ksmd_cpu_plateau_pct"]),
         ),
         "scan_rate": _join(
             ("configured {}", m["scan_rate_configured"]),
@@ -203,6 +203,8 @@ def _cards(a: Analysis, notes: dict[str, int]) -> list[dict[str, Any]]:
     cards = []
     for key in HEADLINE:
         metric = m[key]
+        if metric["value"] is None and metric.get("note", "").startswith("not defined"):
+            continue  # a figure that means nothing for this workload is not shown as a card
         extra = sub.get(key) or metric.get("note", "")
         cards.append(dict(metric, key=key, note_no=notes[key], sub=extra))
     return cards
@@ -235,15 +237,17 @@ def _charts(record: Record, a: Analysis, ps: int) -> list[dict[str, str]]:
         (
             "merge",
             "Merge curves",
-            charts.merge_chart(s, events, w, ps),
-            "Counters in pages (left axis) and the same scale in MiB (right axis). The green "
-            "area is memory saved. Vertical lines are the run's events; the shaded band is the "
-            "plateau the metrics are taken over.",
+            charts.merge_chart(s, events, w, ps, checks=record.checks),
+            "Counters in pages (left axis) and the same scale in MiB (right axis), each held "
+            "until the next sample (a sample is also taken at every event that matters). The "
+            "green area is memory saved. Vertical lines are the run's events; the shaded band "
+            f"is the window the savings are taken over ({w.where.removeprefix('at ')}); dots "
+            "are the scenario's checks where they were taken.",
         ),
         (
             "merge-zoom",
             "Merge curves, zoomed",
-            charts.merge_chart(s, events, w, ps, zoom) if zoom else None,
+            charts.merge_chart(s, events, w, ps, zoom, record.checks) if zoom else None,
             "The same curves from just before KSM went on until well into the plateau, where "
             "the whole run is too long to see the rise.",
         ),
