@@ -30,11 +30,12 @@ def plain_lines(console: Console, table: Table) -> list[str]:
     for col in table.columns:
         col.no_wrap = True
         col.overflow = "ignore"
-    title = Text.from_markup(str(table.title)).plain if table.title else ""
+    # rich wraps a title to the table's width: it goes on a line of its own instead
+    title = Text.from_markup(str(table.title)).plain if table.title else None
+    table.title = None
     width = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
-    wide = Console(
-        file=io.StringIO(), width=max(width, len(title), 1), color_system=None, highlight=False
-    )
+    wide = Console(file=io.StringIO(), width=max(width, 1), color_system=None, highlight=False)
     with wide.capture() as cap:
         wide.print(table)
-    return [line.rstrip() for line in cap.get().splitlines()]
+    lines = [line.rstrip() for line in cap.get().splitlines()]
+    return ([title] if title else []) + lines
