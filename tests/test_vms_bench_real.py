@@ -38,7 +38,7 @@ SCENARIO = {
         "domain_type": "qemu",
         "base": {"domain": "kvmksm-tiny"},
         "clones": 2,
-        "memory": "128MiB",
+        "memory": "136MiB",
         "guest_fill": {"size": "64MiB", "byte": "z"},
         "boot": {"timeout": "3m"},
         "settle": "2s",

@@ -39,7 +39,7 @@ def one_guest(base: str) -> VmsWorkload:
             "domain_type": "qemu",
             "base": {"domain": base},
             "clones": 1,
-            "memory": "128MiB",
+            "memory": "136MiB",
             "guest_fill": {"size": "64MiB", "byte": "w"},
             "boot": {"timeout": "180s"},
         }
@@ -111,7 +111,7 @@ def test_watch_records_a_merging_guest_and_one_that_starts_mid_watch(
     assert appeared[g2.name]["t"] >= started["second"] - t0 - 1.0
     assert f"guest appeared: {g2.name}" in out.getvalue()
     guests = {g["name"]: g for g in meta["guests"]}
-    assert guests[g1.name]["memory_kb"] == 128 * 1024
+    assert guests[g1.name]["memory_kb"] == 136 * 1024
 
     samples = pd.read_csv(res.record_dir / "samples.csv")
     vm = pd.read_csv(res.record_dir / "vm_samples.csv")
