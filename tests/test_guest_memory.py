@@ -13,7 +13,7 @@ from kvmksm.commands.doctor import diagnose
 from kvmksm.host.fs import HostFS
 from kvmksm.scenario.model import Scenario
 from kvmksm.virt.guest_memory import FILL_HEADROOM, base_problem, kernel_floor, memory_problem
-from kvmksm.virt.tiny_image import find_kernel
+from kvmksm.virt.tiny_image import IMAGE_VERSION, find_kernel
 
 from .test_cli import kvmksm
 
@@ -80,8 +80,9 @@ def test_base_problem_reads_the_domain_xml(tmp_path: Path) -> None:
     assert "guest_fill 40.0 MiB" in (base_problem(missing, 96 * MiB, 40 * MiB) or "")
 
 
-def node_with_tiny_kernel(tmp_path: Path) -> str:
-    """testnode.xml with its kvmksm-tiny booting a made-up 80 MiB-floor bzImage directly."""
+def node_with_tiny_kernel(tmp_path: Path, version: int = IMAGE_VERSION) -> str:
+    """testnode.xml with its kvmksm-tiny booting a made-up 80 MiB-floor bzImage directly, as
+    made by image ``version``."""
     kernel = bzimage(tmp_path / "vmlinuz", 16 * MiB, 64 * MiB - 4096)
     initrd = tmp_path / "initrd"
     initrd.write_bytes(bytes(4096))
@@ -97,7 +98,8 @@ def node_with_tiny_kernel(tmp_path: Path) -> str:
         "<target dev='vda' bus='virtio'/></disk></devices>"
     )
     path = tmp_path / "node.xml"
-    path.write_text(node[:at] + boot + node[at + len(plain) :])
+    rest = node[at + len(plain) :].replace("version='1'", f"version='{version}'", 1)
+    path.write_text(node[:at] + boot + rest)
     return f"test://{path}"
 
 
@@ -143,6 +145,24 @@ def test_bench_refuses_before_creating_anything(
     assert not out.exists()
 
 
+def test_bench_refuses_a_tiny_base_of_an_older_kvmksm(tmp_path: Path, fake_root: Path) -> None:
+    """Version 1 booted Debian's whole initrd: its guests need 256 MiB, so today's sizes would
+    panic; the run says to rebuild instead."""
+    uri = node_with_tiny_kernel(tmp_path, version=1)
+    workload = {"type": "vms", "connect": uri, "base": {"domain": "kvmksm-tiny"}, "clones": 1}
+    sc = tmp_path / "old.yaml"
+    sc.write_text(yaml.safe_dump({"name": "old", "workload": {**workload, "memory": "136MiB"}}))
+    p = kvmksm("bench", str(sc), "-o", str(tmp_path / "out"), root=fake_root)
+    assert p.returncode == 2, p.stdout + p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert line == (
+        "kvmksm: base domain 'kvmksm-tiny': it is a tiny image of an older kvmksm (version 1; "
+        f"this one makes version {IMAGE_VERSION}); rebuild it with: kvmksm image build --name "
+        "kvmksm-tiny"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_doctor_names_the_problem(tmp_path: Path, fake_root: Path) -> None:
     uri = node_with_tiny_kernel(tmp_path)
     workload = {"type": "vms", "connect": uri, "base": {"domain": "kvmksm-tiny"}, "clones": 1}
@@ -156,3 +176,8 @@ def test_doctor_names_the_problem(tmp_path: Path, fake_root: Path) -> None:
     ]
     ok = Scenario.model_validate({"workload": {**workload, "memory": "128MiB", "guest_fill": fill}})
     assert not [f for f in diagnose(HostFS(fake_root), ok, uri) if f.level == "fail"]
+    (tmp_path / "old").mkdir()
+    old_uri = node_with_tiny_kernel(tmp_path / "old", version=1)
+    old = Scenario.model_validate({"workload": {**workload, "connect": old_uri}})
+    (finding,) = [f for f in diagnose(HostFS(fake_root), old, old_uri) if "older" in f.what]
+    assert finding.level == "fail" and finding.fix == "kvmksm image build --name kvmksm-tiny"

@@ -164,6 +164,7 @@ def _libvirt(fs: HostFS, w: VmsWorkload | None, uri: str | None) -> list[Finding
         import libvirt  # noqa: F401
 
         from kvmksm.virt.conn import is_local, open_connection, resolve_uri, versions
+        from kvmksm.virt.tiny_image import outdated
     except ImportError:
         return [Finding("fail", "libvirt-python is not installed", "run scripts/setup.sh")]
     uri = resolve_uri(uri, w.connect if w else None)
@@ -212,6 +213,15 @@ def _libvirt(fs: HostFS, w: VmsWorkload | None, uri: str | None) -> list[Finding
     else:
         base_mem = w.base.memory
     per_guest = w.memory or base_mem
+    stale = outdated(base_xml) if base_xml else None
+    if stale:
+        out.append(
+            Finding(
+                "fail",
+                f"base domain '{w.base.domain}': {stale}",
+                f"kvmksm image build --name {w.base.domain}",
+            )
+        )
     if per_guest and base_xml and is_local(conn):
         problem = base_problem(base_xml, per_guest, w.guest_fill.size if w.guest_fill else 0)
         if problem:

@@ -22,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from kvmksm.errors import UserError
 from kvmksm.host import paths
 from kvmksm.virt import initramfs
 from kvmksm.virt.cleanup import find_leftovers
-from kvmksm.virt.domains import base_tag_xml, lookup, read_tag
+from kvmksm.virt.domains import base_tag_xml, lookup, parse_tag, read_tag
 
 # Bump when the image's contents change in a way inputs do not show. 2: a minimal initramfs
 # built from the kernel's modules instead of a copy of the host's Debian initrd.
@@ -226,7 +227,7 @@ def base_domain_xml(
     uuid: str | None = None,
 ) -> str:
     """The shut-off base domain: direct kernel boot, virtio disk, serial console, no NIC."""
-    tag = base_tag_xml({"version": str(IMAGE_VERSION), "build": build})
+    tag = base_tag_xml({"version": str(IMAGE_VERSION), "build": build, "image": "tiny"})
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
     return f"""<domain type='{domain_type}'>
   <name>{name}</name>{uuid_el}
@@ -376,6 +377,23 @@ def build_image(
     else:
         progress(f"base domain {name} is up to date")
     return TinyImage(name, image, kcopy, icopy, built, defined)
+
+
+def outdated(xml: str) -> str | None:
+    """Why clones of this base domain (its XML) cannot run before it is rebuilt, or None: a
+    tiny base made by an older kvmksm (version 1 booted Debian's 31 MB initrd, which no guest
+    smaller than 256 MiB survives)."""
+    for el in ET.fromstring(xml).iterfind("metadata/*"):
+        tag = parse_tag(ET.tostring(el, encoding="unicode"))
+        if tag is None or tag.kind != "base" or tag.attrs.get("image", "tiny") != "tiny":
+            continue
+        version = tag.attrs.get("version", "0")
+        if not version.isdigit() or int(version) < IMAGE_VERSION:
+            return (
+                f"it is a tiny image of an older kvmksm (version {version}; this one makes "
+                f"version {IMAGE_VERSION})"
+            )
+    return None
 
 
 def _clone_of(conn: libvirt.virConnect, domain: str, base: str) -> bool:

@@ -22,6 +22,7 @@ from kvmksm.units import format_size
 from kvmksm.virt.clones import Clones
 from kvmksm.virt.conn import is_local, open_connection, resolve_uri, versions
 from kvmksm.virt.guest_memory import base_problem
+from kvmksm.virt.tiny_image import outdated
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
 POLL = 0.2  # seconds between steady-state readings
@@ -84,6 +85,12 @@ class VmsRun(Workload):
                     "self-contained scenario instead: kvmksm bench scenarios/tiny3.yaml"
                 ) from None
             raise
+        stale = outdated(base.xml)
+        if stale:
+            raise UserError(
+                f"base domain {base.name!r}: {stale}; rebuild it with: kvmksm image build "
+                f"--name {base.name}"
+            )
         memory = self.spec.memory or _memory_of(base.xml)
         if is_local(self.conn):  # the base's kernel and initrd are files on this host
             fill = self.spec.guest_fill.size if self.spec.guest_fill else 0
