@@ -22,8 +22,6 @@ import json
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
-
 from kvmksm.commands.bench import bench
 from kvmksm.scenario import load as scenario
 
@@ -32,7 +30,7 @@ def one(path: Path, out: Path) -> dict[str, float]:
     import pandas as pd
 
     sc = scenario.load(path)
-    res = bench(sc, out, console=Console(stderr=True, quiet=True))
+    res = bench(sc, out)
     meta = json.loads((res.record_dir / "run.json").read_text())
     ev = {e["kind"]: e for e in meta["events"]}
     assert "steady" in ev, f"no steady state: {res.status} {res.error}"

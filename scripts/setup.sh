@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
-      qemu-utils libvirt-dev pkg-config linux-image-amd64 busybox-static e2fsprogs
+      qemu-utils libvirt-dev pkg-config linux-image-amd64 busybox-static e2fsprogs zstd cpio
       chromium)
 
 say() { printf '[setup] %s\n' "$*"; }

@@ -13,7 +13,7 @@ from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.host.paths import DEFAULT_DATA_DIR
 from kvmksm.virt.conn import open_connection
-from kvmksm.virt.tiny_image import TinyImage, build_image
+from kvmksm.virt.tiny_image import DEFAULT_NAME, TinyImage, build_image
 
 from .fakehost import make_tree
 
@@ -25,6 +25,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--regen-golden",
         action="store_true",
         help="rewrite the golden files (tests/fixtures/clone/*.golden.xml) from the code",
+    )
+    parser.addoption(
+        "--tiny-base",
+        default=DEFAULT_NAME,
+        help="name of the tiny base domain the libvirt tests build and clone (default "
+        f"{DEFAULT_NAME}); another name lets one try a changed image beside the shared one",
+    )
+    parser.addoption(
+        "--tiny-data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"data folder whose images/ holds the tiny base (default {DEFAULT_DATA_DIR})",
     )
 
 
@@ -62,10 +74,16 @@ def conn() -> Iterator[libvirt.virConnect]:
 
 
 @pytest.fixture(scope="session")
-def tiny(conn: libvirt.virConnect) -> TinyImage:
+def tiny(conn: libvirt.virConnect, request: pytest.FixtureRequest) -> TinyImage:
     """The tiny base, built once and kept (build_image does nothing when it is up to date).
-    Always the host's own image directory: the base domain is shared with real runs."""
-    return build_image(conn, directory=DEFAULT_DATA_DIR / "images", progress=lambda s: None)
+    The host's own image directory unless --tiny-data-dir says otherwise: the base domain is
+    shared with real runs. Tests clone ``tiny.domain``, never a name of their own."""
+    return build_image(
+        conn,
+        name=request.config.getoption("--tiny-base"),
+        directory=request.config.getoption("--tiny-data-dir") / "images",
+        progress=lambda s: None,
+    )
 
 
 @pytest.fixture

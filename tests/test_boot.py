@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 
 from kvmksm.scenario.model import BootWait
-from kvmksm.virt.boot import BootError, Pending, console_tail, wait_up
+from kvmksm.virt.boot import (
+    PANIC_GRACE,
+    BootError,
+    Pending,
+    console_tail,
+    panic_cause,
+    read_console,
+    wait_up,
+)
+
+CONSOLES = Path(__file__).parent / "fixtures" / "consoles"
 
 
 class FakeDom:
@@ -58,13 +68,87 @@ def test_failure_marker_fails_with_console_tail(tmp_path: Path) -> None:
 
 def test_stopped_guest_fails_fast(tmp_path: Path) -> None:
     log = tmp_path / "g2.log"
-    log.write_text("Kernel panic - not syncing: VFS: Unable to mount root fs\n")
+    log.write_text("Run /init as init process\nreboot: Power down\n")
     dom = FakeDom("g2")
     clock = Clock({2.0: lambda: setattr(dom, "active", False)})
     with pytest.raises(BootError, match="g2 stopped before it came up") as e:
         wait_up([Pending(dom, str(log), 0.0)], BootWait(timeout=300), clock.now, clock.sleep)
-    assert "Unable to mount root fs" in e.value.tail
+    assert "reboot: Power down" in e.value.tail
+    assert e.value.panic is None
     assert clock.t < 3
+
+
+# Real console logs of tiny guests that panicked (Debian 6.1 under TCG, panic=-1), and the
+# one line each must give.
+PANICS = {
+    "oom-fill-96mib.log": "System is deadlocked on memory"
+    " (in init (pid 1); out of memory, no killable process)",
+    "oom-unpacking-debian-initrd-128mib.log": "System is deadlocked on memory"
+    " (in kworker/u2:0 (pid 9); out of memory, no killable process;"
+    " while unpacking the initramfs)",
+    "initrd-overwritten-80mib.log": "VFS: Unable to mount root fs on unknown-block(0,0)"
+    " (in swapper/0 (pid 1);"
+    " initramfs unpacking failed: invalid magic at start of compressed archive)",
+}
+
+
+@pytest.mark.parametrize(("log", "cause"), PANICS.items())
+def test_panic_cause_from_real_consoles(log: str, cause: str) -> None:
+    assert panic_cause(read_console(str(CONSOLES / log))) == cause
+
+
+def test_panic_cause_none_without_a_panic() -> None:
+    assert panic_cause("Run /init as init process\nKVMKSM-READY fill=0\n") is None
+    assert panic_cause("") is None
+    # A kernel with UID in its task line (6.10 on), and the end marker of a panic=0 kernel.
+    text = (
+        "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n"
+        "CPU: 0 UID: 0 PID: 1 Comm: init Not tainted 6.12.9-amd64 #1\n"
+        "---[ end Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100 ]---\n"
+    )
+    assert panic_cause(text) == "Attempted to kill init! exitcode=0x00000100 (in init (pid 1))"
+
+
+def test_guest_that_panics_is_one_line_before_its_console_tail(tmp_path: Path) -> None:
+    log = tmp_path / "g3.log"
+    log.write_bytes((CONSOLES / "oom-fill-96mib.log").read_bytes())
+    dom = FakeDom("g3")
+    clock = Clock({1.0: lambda: setattr(dom, "active", False)})
+    with pytest.raises(BootError) as e:
+        wait_up([Pending(dom, str(log), 0.0)], BootWait(timeout=300), clock.now, clock.sleep)
+    first, *rest = str(e.value).splitlines()
+    assert first == (
+        "guest g3: kernel panic during boot: System is deadlocked on memory"
+        " (in init (pid 1); out of memory, no killable process); last console lines:"
+    )
+    assert e.value.panic == PANICS["oom-fill-96mib.log"]
+    # The panic line is farther from the end than the tail reaches: only the search finds it.
+    assert rest and all(line.startswith("  | ") for line in rest)
+    assert "Kernel panic" not in e.value.tail
+    assert clock.t < 3
+
+
+def test_panic_without_panic_reboot_fails_after_a_grace(tmp_path: Path) -> None:
+    """A kernel without panic=-1 hangs after the panic: reported without waiting out the
+    boot timeout, as soon as the rest of its report had time to arrive."""
+    log = tmp_path / "g4.log"
+    log.write_text("Run /init as init process\n")
+    text = (CONSOLES / "initrd-overwritten-80mib.log").read_text()
+    clock = Clock({5.0: lambda: log.write_text(text)})
+    with pytest.raises(BootError, match="^guest g4: kernel panic during boot: VFS: Unable"):
+        wait_up(
+            [Pending(FakeDom("g4"), str(log), 0.0)], BootWait(timeout=300), clock.now, clock.sleep
+        )
+    assert 5 + PANIC_GRACE <= clock.t < 5 + PANIC_GRACE + 1
+
+
+def test_stopped_without_console_output(tmp_path: Path) -> None:
+    log = tmp_path / "g5.log"
+    log.write_text("")
+    dom = FakeDom("g5", active=False)
+    clock = Clock({})
+    with pytest.raises(BootError, match="g5 stopped before it came up, without a line on its"):
+        wait_up([Pending(dom, str(log), 0.0)], BootWait(), clock.now, clock.sleep)
 
 
 def test_timeout_names_the_slow_guest(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ idempotence against libvirt's test driver (mkfs.ext4 and qemu-img are real)."""
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,16 @@ import pytest
 from kvmksm.errors import UserError
 from kvmksm.virt.conn import open_connection
 from kvmksm.virt.domains import read_tag
-from kvmksm.virt.tiny_image import INIT, build_image, find_kernel, is_static_elf, make_rootfs
+from kvmksm.virt.tiny_image import (
+    CMDLINE,
+    INIT,
+    build_image,
+    find_kernel,
+    is_static_elf,
+    make_rootfs,
+)
+
+from .test_initramfs import RELEASE, fake_tree, read_newc
 
 BUSYBOX = Path("/bin/busybox")
 NODE = Path(__file__).parent / "fixtures" / "testnode.xml"
@@ -90,17 +101,18 @@ def test_static_elf() -> None:
     assert not is_static_elf(Path(__file__))
 
 
-def test_find_kernel_picks_newest_with_initrd(tmp_path: Path) -> None:
-    for name in ("vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-10-amd64", "vmlinuz-6.1.0-11-amd64"):
-        (tmp_path / name).write_text("k")
-    for name in ("initrd.img-6.1.0-9-amd64", "initrd.img-6.1.0-10-amd64"):
-        (tmp_path / name).write_text("i")
-    assert find_kernel(tmp_path) == (
-        tmp_path / "vmlinuz-6.1.0-10-amd64",
-        tmp_path / "initrd.img-6.1.0-10-amd64",
-    )
-    with pytest.raises(UserError, match="no kernel with an initrd"):
-        find_kernel(tmp_path / "nothing")
+def test_find_kernel_picks_newest_with_its_modules(tmp_path: Path) -> None:
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    boot.mkdir()
+    for release in ("6.1.0-9-amd64", "6.1.0-10-amd64", "6.1.0-11-amd64"):
+        (boot / f"vmlinuz-{release}").write_text("k")
+    for release in ("6.1.0-9-amd64", "6.1.0-10-amd64"):
+        (modules / release).mkdir(parents=True)
+        (modules / release / "modules.dep").write_text("")
+    (modules / "6.1.0-11-amd64").mkdir()  # modules folder left by a removed package
+    assert find_kernel(boot, modules) == (boot / "vmlinuz-6.1.0-10-amd64", "6.1.0-10-amd64")
+    with pytest.raises(UserError, match="no kernel in .* with its modules in"):
+        find_kernel(tmp_path / "nothing", modules)
 
 
 @pytest.fixture
@@ -113,16 +125,23 @@ def conn() -> Iterator[libvirt.virConnect]:
 @needs_busybox
 @pytest.mark.skipif(not shutil.which("mkfs.ext4") or not shutil.which("qemu-img"), reason="tools")
 def test_build_image_is_idempotent(conn: libvirt.virConnect, tmp_path: Path) -> None:
-    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd"
+    modules = fake_tree(tmp_path / "modules")
+    kernel = tmp_path / f"vmlinuz-{RELEASE}"
     kernel.write_bytes(b"kernel v1")
-    initrd.write_bytes(b"initrd v1")
     said: list[str] = []
-    kw = {"name": "tiny-test", "kernel": kernel, "initrd": initrd, "progress": said.append}
+    kw = {"name": "tiny-test", "kernel": kernel, "modules_dir": modules, "progress": said.append}
 
     first = build_image(conn, **kw)  # type: ignore[arg-type]
     assert first.built and first.defined
     assert first.image.read_bytes()[:4] == b"QFI\xfb"
     assert first.kernel.read_bytes() == b"kernel v1"
+    # The initramfs is made from the release's modules, not copied from /boot.
+    entries = read_newc(gzip.decompress(first.initrd.read_bytes()))
+    assert f"lib/modules/{RELEASE}/ext4.ko" in entries and "init" in entries
+    xml = conn.lookupByName("tiny-test").XMLDesc(0)
+    assert f"<cmdline>{CMDLINE}</cmdline>" in xml
+    assert "initcall_blacklist=tracer_init_tracefs cgroup.memory=nokmem" in CMDLINE
+    assert "<memory unit='KiB'>131072</memory>" in xml
     dom = conn.lookupByName("tiny-test")
     tag = read_tag(dom)
     assert tag is not None and tag.kind == "base"
@@ -139,6 +158,17 @@ def test_build_image_is_idempotent(conn: libvirt.virConnect, tmp_path: Path) -> 
     assert changed.built and changed.defined
     assert changed.kernel.read_bytes() == b"kernel v2"
     assert conn.lookupByName("tiny-test").UUIDString() == dom.UUIDString()
+
+    # A module that goes into the initramfs changed (a kernel package update): rebuilt.
+    jbd2 = modules / RELEASE / "kernel/b/jbd2.ko.xz"
+    jbd2.write_bytes(lzma.compress(b"\x7fELF jbd2 v2"))
+    module = build_image(conn, **kw)  # type: ignore[arg-type]
+    assert module.built
+    entries = read_newc(gzip.decompress(module.initrd.read_bytes()))
+    assert entries[f"lib/modules/{RELEASE}/jbd2.ko"][1] == b"\x7fELF jbd2 v2"
+    # One it does not use: nothing to do.
+    (modules / RELEASE / "kernel/c/unrelated.ko").write_bytes(b"\x7fELF other")
+    assert not build_image(conn, **kw).built  # type: ignore[arg-type]
 
     memory = build_image(conn, memory=192 << 20, **kw)  # type: ignore[arg-type]
     assert not memory.built and memory.defined

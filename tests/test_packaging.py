@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmksm.virt.tiny_image import TinyImage
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -76,8 +78,12 @@ def test_bench_ltp_ksm03_from_a_plain_install(
 
 
 @pytest.mark.libvirt
-def test_image_build_from_a_plain_install(installed: Path, tmp_path: Path, tiny: object) -> None:
+def test_image_build_from_a_plain_install(
+    installed: Path, tmp_path: Path, tiny: TinyImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The tiny base already built by this suite: a plain install finds it up to date."""
-    proc = kvmksm(installed, "image", "build", cwd=tmp_path)
+    monkeypatch.setenv("KVMKSM_DATA_DIR", str(tiny.image.parent.parent))
+    proc = kvmksm(installed, "image", "build", "--name", tiny.domain, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "up to date" in proc.stderr and "base domain kvmksm-tiny" in proc.stdout
+    assert "up to date" in proc.stderr and f"base domain {tiny.domain}" in proc.stdout
+    assert str(tiny.image) in proc.stdout

@@ -38,7 +38,7 @@ SCENARIO = {
         "domain_type": "qemu",
         "base": {"domain": "kvmksm-tiny"},
         "clones": 2,
-        "memory": "256MiB",
+        "memory": "136MiB",
         "guest_fill": {"size": "64MiB", "byte": "z"},
         "boot": {"timeout": "3m"},
         "settle": "2s",
@@ -53,7 +53,9 @@ def _leftovers(conn: libvirt.virConnect) -> list[str]:
     return find_leftovers(conn).describe()
 
 
-def _bench(tmp_path: Path, data: dict) -> subprocess.Popen[str]:
+def _bench(tmp_path: Path, data: dict, base: str) -> subprocess.Popen[str]:
+    data = json.loads(json.dumps(data))
+    data["workload"]["base"] = {"domain": base}
     sc = tmp_path / "tiny2.yaml"
     sc.write_text(yaml.safe_dump(data))
     return subprocess.Popen(
@@ -68,7 +70,7 @@ def test_tiny_clones_merge_and_leave_nothing(
     conn: libvirt.virConnect, tiny: TinyImage, real_ksm: Ksm, tmp_path: Path
 ) -> None:
     assert _leftovers(conn) == []
-    proc = _bench(tmp_path, SCENARIO)
+    proc = _bench(tmp_path, SCENARIO, tiny.domain)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
     (run_json,) = (tmp_path / "out").glob("tiny2/*/run.json")
@@ -151,7 +153,7 @@ def test_sigint_while_ksm_on_leaves_host_clean(
     data = json.loads(json.dumps(SCENARIO))
     # A crawling ksmd, so KSM is surely still on when the signal comes.
     data["knobs"] = {"pages_to_scan": 10, "sleep_millisecs": 200}
-    proc = _bench(tmp_path, data)
+    proc = _bench(tmp_path, data, tiny.domain)
     run_json = _wait_for_event(tmp_path / "out", "ksm_on", timeout=300)
     assert real_ksm.read("run") == 1
     assert len(_leftovers(conn)) >= 2  # the guests are up
@@ -175,7 +177,7 @@ def test_kvmksm_clean_after_sigkill(
     before = real_ksm.read_knobs()
     data = json.loads(json.dumps(SCENARIO))
     data["knobs"] = {"pages_to_scan": 10, "sleep_millisecs": 200}
-    proc = _bench(tmp_path, data)
+    proc = _bench(tmp_path, data, tiny.domain)
     _wait_for_event(tmp_path / "out", "ksm_on", timeout=300)
     proc.kill()
     proc.communicate(timeout=30)

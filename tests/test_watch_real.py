@@ -32,14 +32,14 @@ WATCH_SECONDS = 30.0
 SECOND_AT = 8.0  # seconds into the watch that the second guest starts
 
 
-def one_guest() -> VmsWorkload:
+def one_guest(base: str) -> VmsWorkload:
     return VmsWorkload.model_validate(
         {
             "type": "vms",
             "domain_type": "qemu",
-            "base": {"domain": "kvmksm-tiny"},
+            "base": {"domain": base},
             "clones": 1,
-            "memory": "256MiB",
+            "memory": "136MiB",
             "guest_fill": {"size": "64MiB", "byte": "w"},
             "boot": {"timeout": "180s"},
         }
@@ -49,8 +49,8 @@ def one_guest() -> VmsWorkload:
 def test_watch_records_a_merging_guest_and_one_that_starts_mid_watch(
     conn: libvirt.virConnect, tiny: TinyImage, real_ksm: Ksm, tmp_path: Path
 ) -> None:
-    first = Clones(conn, one_guest(), record="pytest-watch")
-    second = Clones(conn, one_guest(), record="pytest-watch")
+    first = Clones(conn, one_guest(tiny.domain), record="pytest-watch")
+    second = Clones(conn, one_guest(tiny.domain), record="pytest-watch")
     saved = real_ksm.read_knobs()
     out = io.StringIO()
     started: dict[str, float] = {}
@@ -112,7 +112,7 @@ def test_watch_records_a_merging_guest_and_one_that_starts_mid_watch(
     assert appeared[g2.name]["t"] >= started["second"] - t0 - 1.0
     assert f"guest appeared: {g2.name}" in out.getvalue()
     guests = {g["name"]: g for g in meta["guests"]}
-    assert guests[g1.name]["memory_kb"] == 256 * 1024
+    assert guests[g1.name]["memory_kb"] == 136 * 1024
 
     samples = pd.read_csv(res.record_dir / "samples.csv")
     vm = pd.read_csv(res.record_dir / "vm_samples.csv")

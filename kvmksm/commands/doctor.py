@@ -14,6 +14,7 @@ from kvmksm.host.state import ActiveRun, HostLock, bench_holder
 from kvmksm.scenario.model import Scenario, VmsWorkload
 from kvmksm.security import SIDE_CHANNEL_NOTE
 from kvmksm.units import format_size
+from kvmksm.virt.guest_memory import base_problem
 
 # Daemons that rewrite KSM knobs while they run (they would change a run's settings mid-way).
 KSM_MANAGERS = ("ksmtuned", "tuned", "ksmctl", "momd")
@@ -167,7 +168,8 @@ def _libvirt(fs: HostFS, w: VmsWorkload | None, uri: str | None) -> list[Finding
     try:
         import libvirt  # noqa: F401
 
-        from kvmksm.virt.conn import open_read_only, resolve_uri, versions
+        from kvmksm.virt.conn import is_local, open_read_only, resolve_uri, versions
+        from kvmksm.virt.tiny_image import outdated
     except ImportError:
         return [Finding("fail", "libvirt-python is not installed", "run scripts/setup.sh")]
     uri = resolve_uri(uri, w.connect if w else None)
@@ -188,6 +190,7 @@ def _libvirt(fs: HostFS, w: VmsWorkload | None, uri: str | None) -> list[Finding
             )
         )
     base_mem = None
+    base_xml = None
     if hasattr(w.base, "domain"):
         try:
             dom = conn.lookupByName(w.base.domain)
@@ -211,10 +214,24 @@ def _libvirt(fs: HostFS, w: VmsWorkload | None, uri: str | None) -> list[Finding
             else:
                 out.append(Finding("ok", f"base domain '{w.base.domain}' is shut off"))
             base_mem = dom.maxMemory() * 1024
-            out += _sharing(w.base.domain, dom.XMLDesc(0))
+            base_xml = dom.XMLDesc(0)
+            out += _sharing(w.base.domain, base_xml)
     else:
         base_mem = w.base.memory
     per_guest = w.memory or base_mem
+    stale = outdated(base_xml) if base_xml else None
+    if stale:
+        out.append(
+            Finding(
+                "fail",
+                f"base domain '{w.base.domain}': {stale}",
+                f"kvmksm image build --name {w.base.domain}",
+            )
+        )
+    if per_guest and base_xml and is_local(conn):
+        problem = base_problem(base_xml, per_guest, w.guest_fill.size if w.guest_fill else 0)
+        if problem:
+            out.append(Finding("fail", problem, "change workload.memory or guest_fill"))
     if per_guest:
         need = per_guest * w.clones
         avail = fs.meminfo().get("MemAvailable", 0) * 1024

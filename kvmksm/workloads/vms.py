@@ -21,7 +21,9 @@ from kvmksm.sampling.sampler import Probe
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.units import format_size
 from kvmksm.virt.clones import Clones
-from kvmksm.virt.conn import open_connection, resolve_uri, versions
+from kvmksm.virt.conn import is_local, open_connection, resolve_uri, versions
+from kvmksm.virt.guest_memory import base_problem
+from kvmksm.virt.tiny_image import outdated
 from kvmksm.workloads import sharing
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 
@@ -85,7 +87,19 @@ class VmsRun(Workload):
                     "self-contained scenario instead: kvmksm bench scenarios/tiny3.yaml"
                 ) from None
             raise
-        require_fits(fs, self.spec.clones, self.spec.memory or _memory_of(base.xml), "clones")
+        stale = outdated(base.xml)
+        if stale:
+            raise UserError(
+                f"base domain {base.name!r}: {stale}; rebuild it with: kvmksm image build "
+                f"--name {base.name}"
+            )
+        memory = self.spec.memory or _memory_of(base.xml)
+        if is_local(self.conn):  # the base's kernel and initrd are files on this host
+            fill = self.spec.guest_fill.size if self.spec.guest_fill else 0
+            problem = base_problem(base.xml, memory, fill)
+            if problem:
+                raise UserError(f"workload: clones of {base.name}: {problem}")
+        require_fits(fs, self.spec.clones, memory, "clones")
 
     def probes(self) -> list[Probe]:
         assert self.fs is not None
