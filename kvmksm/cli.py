@@ -193,11 +193,13 @@ def _connect(args: argparse.Namespace) -> str | None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kvmksm.commands.bench import bench
+    from kvmksm.results.space import check_room
     from kvmksm.scenario.load import load_arg
     from kvmksm.views.terminal import TerminalProgress, bench_result
 
     sc, path = load_arg(args.scenario)
     _check_duration(sc, path, args.yes)
+    check_room(sc, args.output)  # a record that cannot fit: refused before anything changes
     out = Console(highlight=False)
     progress = TerminalProgress(Console(stderr=True, highlight=False))
     if sc.repeats > 1 or sc.matrix:  # an experiment: every point x repeats, one run each

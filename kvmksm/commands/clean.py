@@ -11,6 +11,7 @@ from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.host.state import ActiveRun, HostLock
+from kvmksm.results.record import close_killed
 
 
 def clean(fs: HostFS, uri: str | None, dry_run: bool = False) -> tuple[list[str], list[str]]:
@@ -31,11 +32,35 @@ def clean(fs: HostFS, uri: str | None, dry_run: bool = False) -> tuple[list[str]
         d, p = _sweep_libvirt(uri, dry_run)
         done += d
         problems += p
-        if active and not dry_run and not problems:
-            ActiveRun().finish()
+        if active and not dry_run:
+            _close_record(active, done, problems)
+            if not problems:
+                ActiveRun().finish()
         return done, problems
     finally:
         lock.release()
+
+
+def _close_record(active: dict[str, Any], done: list[str], problems: list[str]) -> None:
+    """The killed run's record says it was killed, and what clean put back."""
+    run_dir = active.get("run_dir")
+    if not run_dir:
+        return
+    what = "; ".join(done) or "nothing was left"
+    if problems:
+        what += "; not removed: " + "; ".join(problems)
+    try:
+        closed = close_killed(
+            Path(run_dir),
+            f"kvmksm (pid {active.get('pid')}) was killed before the run ended; "
+            "`kvmksm clean` put the host back",
+            what,
+        )
+    except UserError as e:  # the record's folder is gone or unwritable: the host matters more
+        problems.append(f"record {run_dir} not closed: {e}")
+        return
+    if closed:
+        done.append(f"mark the record {run_dir} as killed")
 
 
 def _undo_active(fs: HostFS, active: dict[str, Any], dry_run: bool) -> tuple[list[str], list[str]]:
