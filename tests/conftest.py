@@ -12,7 +12,7 @@ from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.host.paths import DEFAULT_DATA_DIR
-from kvmksm.virt.conn import open_connection
+from kvmksm.virt.conn import alive, open_connection
 from kvmksm.virt.tiny_image import TinyImage, build_image
 
 from .fakehost import make_tree
@@ -50,22 +50,50 @@ def _state_dir(
         monkeypatch.setenv("KVMKSM_DATA_DIR", str(tmp_path_factory.mktemp("data")))
 
 
+class _Libvirt:
+    """The session's connection to the real libvirtd, opened again when it died (the fault
+    tests restart libvirtd)."""
+
+    def __init__(self) -> None:
+        self.conn: libvirt.virConnect | None = None
+
+    def get(self) -> libvirt.virConnect:
+        if not alive(self.conn):
+            try:
+                self.conn = open_connection(LIBVIRT_URI)
+            except UserError as e:
+                pytest.fail(f"{e} (run scripts/setup.sh, or deselect with -m 'not libvirt')")
+        assert self.conn is not None
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except libvirt.libvirtError:
+                pass
+
+
 @pytest.fixture(scope="session")
-def conn() -> Iterator[libvirt.virConnect]:
+def _libvirt() -> Iterator[_Libvirt]:
+    holder = _Libvirt()
+    yield holder
+    holder.close()
+
+
+@pytest.fixture
+def conn(_libvirt: _Libvirt) -> libvirt.virConnect:
     """A connection to the real libvirtd (qemu:///system); fails, never skips, without one."""
-    try:
-        c = open_connection(LIBVIRT_URI)
-    except UserError as e:
-        pytest.fail(f"{e} (run scripts/setup.sh, or deselect with -m 'not libvirt')")
-    yield c
-    c.close()
+    return _libvirt.get()
 
 
 @pytest.fixture(scope="session")
-def tiny(conn: libvirt.virConnect) -> TinyImage:
+def tiny(_libvirt: _Libvirt) -> TinyImage:
     """The tiny base, built once and kept (build_image does nothing when it is up to date).
     Always the host's own image directory: the base domain is shared with real runs."""
-    return build_image(conn, directory=DEFAULT_DATA_DIR / "images", progress=lambda s: None)
+    return build_image(
+        _libvirt.get(), directory=DEFAULT_DATA_DIR / "images", progress=lambda s: None
+    )
 
 
 @pytest.fixture

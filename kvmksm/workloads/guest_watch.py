@@ -30,6 +30,10 @@ from kvmksm.virt.conn import RECONNECT_TIMEOUT, alive, reconnect
 from kvmksm.virt.lifecycle import LifecycleEvents, state_reason
 from kvmksm.workloads.base import RunContext
 
+# Seconds the sampler's finding waits for libvirt to say why the process went (libvirtd was
+# seen to take 1.9 s to report a QEMU killed with SIGKILL on a busy 2-CPU host).
+CONFIRM = 3.0
+
 
 class GuestLost(WorkloadFailed):
     """A guest of the run stopped while it ran: its figures no longer describe the scenario."""
@@ -68,6 +72,7 @@ class GuestWatch:
         self.lost: dict[str, str] = {}
         self.disconnected: tuple[float, str] | None = None  # (t, why) while libvirtd is away
         self._lock = threading.Lock()
+        self._pending: list[threading.Thread] = []  # losses waiting for libvirt's reason
         self._closed = False
         self._events = self._listen(conn)
 
@@ -83,17 +88,41 @@ class GuestWatch:
         self.guest_lost(name, reason, "libvirt event")
 
     def process_gone(self, name: str, pid: int) -> None:
-        """The sampler's probe found the guest's QEMU process gone."""
-        self.guest_lost(name, f"its QEMU process (pid {pid}) exited", "sampler")
+        """The sampler's probe found the guest's QEMU process gone. libvirt, which tells why,
+        says so too, a second or two later: wait for its word up to CONFIRM seconds (in a
+        thread of its own: the sampler's tick must not wait). The loss is dated when the
+        sampler found it."""
+        if name in self.names and name not in self.lost:
+            t = self.ctx.record.now()
+            thread = threading.Thread(
+                target=self._confirm, args=(name, pid, t), name="kvmksm-guest-lost", daemon=True
+            )
+            with self._lock:
+                self._pending.append(thread)
+            thread.start()
 
-    def guest_lost(self, name: str, reason: str, noticed_by: str) -> None:
+    def _confirm(self, name: str, pid: int, t: float) -> None:
+        deadline = time.monotonic() + CONFIRM
+        while time.monotonic() < deadline and not self._closed:
+            if name in self.lost or self.disconnected:
+                break  # libvirt's event said it; or there is no libvirtd to ask
+            why = _why_not_running(self.conn, name)
+            if why:
+                self.guest_lost(name, why, "sampler, reason from libvirt", t)
+                return
+            time.sleep(0.1)
+        self.guest_lost(name, f"its QEMU process (pid {pid}) exited", "sampler", t)
+
+    def guest_lost(self, name: str, reason: str, noticed_by: str, t: float | None = None) -> None:
+        """Record the loss (once a guest) and halt the run; ``t`` is when it was noticed."""
         with self._lock:
             if self._closed or name not in self.names or name in self.lost:
                 return
             self.lost[name] = reason
-        t = self.ctx.record.now()
+        t = self.ctx.record.now() if t is None else t
+        # Dated when it was noticed (`time` says when it was recorded).
         self.ctx.record.event(
-            Kind.GUEST_LOST, f"{name}: {reason}", domain=name, reason=reason, noticed_by=noticed_by
+            Kind.GUEST_LOST, f"{name}: {reason}", t=t, domain=name, reason=reason, by=noticed_by
         )
         self.ctx.halt(GuestLost(name, t, reason))
 
@@ -110,7 +139,9 @@ class GuestWatch:
 
     # -- the main thread ------------------------------------------------------------------
     def attend(self) -> None:
-        """At each wait of the run: raise why it must stop; reconnect if libvirtd went away."""
+        """At each wait of the run: raise why it must stop; reconnect if libvirtd went away.
+        A guest found gone stops the run here at once, while libvirt is asked why."""
+        self._settle()
         self.ctx.check_halt()
         if self.disconnected is None:
             return
@@ -156,8 +187,16 @@ class GuestWatch:
                 self.guest_lost(name, why_off, "libvirt state after reconnecting")
         self.ctx.check_halt()
 
+    def _settle(self) -> None:
+        """Wait for the losses found meanwhile to be recorded (CONFIRM seconds at most)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for thread in pending:
+            thread.join(CONFIRM + 1.0)
+
     def close(self) -> None:
         """Stop listening (before teardown destroys the guests: that is no loss)."""
+        self._settle()
         with self._lock:
             self._closed = True
         self._events.stop()
