@@ -403,3 +403,53 @@ def test_halt_from_another_thread_wakes_a_wait(ctx: RunContext) -> None:
     with pytest.raises(RuntimeError, match="stop"):
         ctx.sleep(30)
     assert time.monotonic() - t0 < 2
+
+
+class FillsOnRun(Workload):
+    """KSM on for a moment; on run ``at`` of an experiment, the results folder fills up."""
+
+    def __init__(self, folder: Path, runs: list[int], at: int) -> None:
+        self.folder, self.runs, self.at = folder, runs, at
+
+    def run(self, ctx: RunContext) -> None:
+        self.runs.append(len(self.runs) + 1)
+        ctx.ksm.write("run", 1)
+        ctx.sleep(0.3)
+        if len(self.runs) == self.at:
+            fill(self.folder / "filler")
+        ctx.sleep(0.5)
+
+
+def test_experiment_ends_in_one_line_when_the_folder_fills_up(
+    fake_root: Path, tmp_path: Path
+) -> None:
+    from kvmksm.commands.experiment import run_experiment
+    from kvmksm.results.experiment import load_index
+
+    from .test_experiment import _sweep
+
+    before = knob_values(fake_root)
+    sc = scenario.loads(_sweep(), "s.yaml")
+    runs: list[int] = []
+    with tmpfs(tmp_path / "fs", "4m") as fs:
+        result = run_experiment(
+            sc,
+            fs / "out",
+            "s.yaml",
+            fs=HostFS(fake_root),
+            workload_factory=lambda s: FillsOnRun(fs, runs, at=2),
+        )
+        # The host put back after every run; the run that hit the full disk stopped there.
+        assert knob_values(fake_root) == before and ActiveRun.load() is None
+        assert result.status == "error" and result.exit_code == 1
+        index = load_index(result.dir)
+        # Run 2 ended with the reason; run 3 could not even start its record; 4 was not run.
+        assert [r.status for r in index.runs] == ["passed", "error", "error", "not run"]
+        assert index.runs[1].error.startswith("the record could not be written: ")  # type: ignore[union-attr]
+        assert index.runs[1].error.endswith("run.json: cannot write: No space left on device")  # type: ignore[union-attr]
+        assert index.runs[2].error.endswith(": cannot write: No space left on device")  # type: ignore[union-attr]
+        assert runs == [1, 2]
+        leftover = list((result.dir / ".running").rglob("run.json"))
+        assert leftover == []  # no record of a run that never started
+        (fs / "filler").unlink()
+        assert load_record(result.dir / index.runs[0].dir).samples["t"].size >= 2

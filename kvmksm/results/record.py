@@ -15,6 +15,7 @@ record at once (tests, generators), annotate adds fields to a finished one.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
@@ -134,7 +135,8 @@ class RunRecord:
             finally:
                 os.close(fd)
         except OSError as e:
-            path.unlink(missing_ok=True)
+            # Nothing ran: leave no record of it (it would say 'running' for ever).
+            shutil.rmtree(self.dir, ignore_errors=True)
             raise output_error(path, e) from None
 
     def _release_reserve(self) -> None:
