@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -106,6 +107,34 @@ def fake_fs(fake_root: Path) -> HostFS:
     return HostFS(fake_root)
 
 
+class _RealKsmLock:
+    """The real-KSM flock, taken once by this process however many fixtures ask for it (an
+    flock on a second descriptor of the same file would wait for ourselves)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.fd: int | None = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        if self.depth == 0:
+            fd = os.open(REAL_KSM_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.fd = fd
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and self.fd is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.close(self.fd)
+                self.fd = None
+
+
+_REAL_KSM = _RealKsmLock()
+
+
 @pytest.fixture
 def real_ksm() -> Iterator[Ksm]:
     """The host's real KSM, one test at a time (an flock shared with benchmarks and other
@@ -113,14 +142,19 @@ def real_ksm() -> Iterator[Ksm]:
     ksm = Ksm(HostFS("/"))
     if not ksm.available():
         pytest.fail("this host has no /sys/kernel/mm/ksm; the real-KSM tests need it")
-    fd = os.open(REAL_KSM_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    before = ksm.read_knobs()
-    try:
-        yield ksm
-        after = ksm.read_knobs()
-        assert after == before, f"knobs changed by the test: {before} -> {after}"
-    finally:
-        ksm.restore(before)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    with _REAL_KSM.held():
+        before = ksm.read_knobs()
+        try:
+            yield ksm
+            after = ksm.read_knobs()
+            assert after == before, f"knobs changed by the test: {before} -> {after}"
+        finally:
+            ksm.restore(before)
+
+
+@pytest.fixture(scope="module")
+def real_ksm_module() -> Iterator[None]:
+    """The real-KSM lock held across a whole module, so its tests run back to back rather
+    than queueing again behind other users of the lock between each two."""
+    with _REAL_KSM.held():
+        yield

@@ -38,7 +38,12 @@ from kvmksm.host.state import ActiveRun
 from kvmksm.virt.cleanup import find_leftovers
 from kvmksm.virt.tiny_image import TinyImage
 
-pytestmark = [pytest.mark.libvirt, pytest.mark.realksm]
+# The lock for the whole module: its cases run back to back (each still uses real_ksm).
+pytestmark = [
+    pytest.mark.libvirt,
+    pytest.mark.realksm,
+    pytest.mark.usefixtures("real_ksm_module"),
+]
 
 URI = "qemu:///system"
 SCENARIO: dict[str, Any] = {
