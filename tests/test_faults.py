@@ -145,6 +145,24 @@ def test_a_guest_process_gone_is_dated_when_found(
     watch.close()
 
 
+def test_found_by_the_sampler_dated_then_even_when_libvirt_tells_first(
+    ctx: RunContext, test_conn: libvirt.virConnect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(guest_watch, "_why_not_running", lambda conn, name: None)  # slow libvirt
+    watch = GuestWatch(ctx, "test:///default", test_conn, lambda c: None)
+    watch.follow(["test"])
+    found = ctx.record.now()
+    watch.process_gone("test", 4242)
+    time.sleep(0.3)
+    test_conn.lookupByName("test").destroy()  # libvirt's event comes later
+    with pytest.raises(GuestLost, match="destroyed") as info:
+        watch.attend()
+    (lost,) = _events(ctx, "guest_lost")
+    assert lost["by"] == "sampler, reason from libvirt event"
+    assert found <= lost["t"] < found + 0.1 and info.value.t == lost["t"]
+    watch.close()
+
+
 def test_a_guest_process_gone_takes_libvirts_reason(
     ctx: RunContext, test_conn: libvirt.virConnect
 ) -> None:

@@ -308,7 +308,12 @@ def test_guest_killed_after_ksm_on_is_lost_at_once(
     assert meta["error"].startswith(f"guest {guest['name']} was lost")
     (lost,) = [e for e in meta["events"] if e["kind"] == "guest_lost"]
     assert lost["domain"] == guest["name"]
-    assert lost["by"] in ("libvirt event", "sampler, reason from libvirt", "sampler")
+    assert lost["by"] in (
+        "libvirt event",  # libvirt told before the sampler's next tick
+        "sampler, reason from libvirt event",  # the sampler found it, libvirt said why
+        "sampler, reason from libvirt",  # ... and libvirt's state said why
+        "sampler",  # libvirt said nothing within 3 s
+    ), lost
     # Noticed within one sample (0.5 s) of the kill (dated then, recorded once libvirt said
     # why, at most 3 s later); the run did not wait for steady.
     ksm_on = next(e for e in meta["events"] if e["kind"] == "ksm_on")

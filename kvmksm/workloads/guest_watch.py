@@ -73,6 +73,7 @@ class GuestWatch:
         self.disconnected: tuple[float, str] | None = None  # (t, why) while libvirtd is away
         self._lock = threading.Lock()
         self._pending: list[threading.Thread] = []  # losses waiting for libvirt's reason
+        self._found: dict[str, float] = {}  # when the sampler found a guest's process gone
         self._closed = False
         self._events = self._listen(conn)
 
@@ -94,6 +95,7 @@ class GuestWatch:
         sampler found it."""
         if name in self.names and name not in self.lost:
             t = self.ctx.record.now()
+            self._found.setdefault(name, t)
             thread = threading.Thread(
                 target=self._confirm, args=(name, pid, t), name="kvmksm-guest-lost", daemon=True
             )
@@ -120,6 +122,9 @@ class GuestWatch:
                 return
             self.lost[name] = reason
         t = self.ctx.record.now() if t is None else t
+        found = self._found.get(name)
+        if found is not None and found < t:  # the sampler saw it first, libvirt said why
+            t, noticed_by = found, f"sampler, reason from {noticed_by}"
         # Dated when it was noticed (`time` says when it was recorded).
         self.ctx.record.event(
             Kind.GUEST_LOST, f"{name}: {reason}", t=t, domain=name, reason=reason, by=noticed_by
