@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "clean", help="remove what a killed run left (tagged guests, volumes) and restore knobs"
     )
     c.add_argument("-n", "--dry-run", action="store_true", help="say what would be done")
+    c.add_argument(
+        "--run",
+        metavar="ID",
+        type=_run_id,
+        help="only the guests and volumes of this run (the 8 hex digits in kvmksm-ID-...), "
+        "leaving other runs' alone",
+    )
     _connect_arg(c)
 
     im = sub.add_parser("image", help="the tiny self-contained base image")
@@ -119,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _experiment_parsers(sub)
     return ap
+
+
+def _run_id(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{8}", text):
+        raise argparse.ArgumentTypeError("expected the 8 hex digits of a run id, e.g. 0a1b2c3d")
+    return text
 
 
 def _duration(text: str) -> float:
@@ -311,7 +325,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from kvmksm.host.fs import HostFS
     from kvmksm.views.terminal import cleaned
 
-    done, problems = clean(HostFS(), args.connect, dry_run=args.dry_run)
+    done, problems = clean(HostFS(), args.connect, dry_run=args.dry_run, run=args.run)
     cleaned(done, problems, args.dry_run, Console(highlight=False), Console(stderr=True))
     return 1 if problems else 0
 

@@ -99,6 +99,7 @@ class Bench:
             text=True,
         )
         self.run_json: Path | None = None
+        self._run: str | None = None
 
     def meta(self) -> dict[str, Any]:
         if self.run_json is None:
@@ -110,6 +111,18 @@ class Bench:
             return json.loads(self.run_json.read_text())
         except (OSError, json.JSONDecodeError):  # replaced as we read: read again
             return {}
+
+    def run_id(self) -> str:
+        """The run's id (kvmksm-<id>-...), from its record or, before a guest was defined
+        in full, from its state file."""
+        if self._run is None:
+            events = self.meta().get("events", [])
+            names = [e["detail"] for e in events if e["kind"] == "guest_defined"]
+            state = ActiveRun.load() or {}
+            runs = [c["run"] for c in state.get("created", []) if c.get("kind") == "domain"]
+            self._run = names[0].split("-")[1] if names else runs[0] if runs else None
+        assert self._run is not None, "the run defined no guest"
+        return self._run
 
     def wait_for(self, kind: str, timeout: float = 240) -> dict[str, Any]:
         """The run's record once it has an event of this kind (polled every 10 ms)."""
@@ -159,25 +172,19 @@ def cgroups() -> set[str]:
 
 
 class Host:
-    """What the host had before the test: knobs, kvmksm objects (none: `kvmksm clean` would
-    remove another run's), cgroups."""
+    """What the host had before the test: knobs and cgroups. Guests are checked by the run's
+    id: on a shared host other runs' clones may come and go (and `kvmksm clean --run` leaves
+    them alone)."""
 
-    def __init__(self, conn: libvirt.virConnect, ksm: Ksm) -> None:
+    def __init__(self, ksm: Ksm) -> None:
         self.ksm = ksm
         self.knobs = ksm.read_knobs()
-        left = find_leftovers(conn)
-        if left.domains or left.volumes:
-            pytest.fail(
-                "kvmksm clones of another run are on this host, and these tests run `kvmksm "
-                f"clean`, which would remove them: {left.describe()}"
-            )
-        self.consoles = set(left.describe())
         self.cgroups = cgroups()
 
-    def assert_restored(self) -> None:
+    def assert_restored(self, run: str) -> None:
         conn = libvirt.open(URI)  # a new one: libvirtd may have been restarted meanwhile
         try:
-            assert set(find_leftovers(conn).describe()) <= self.consoles
+            assert find_leftovers(conn, run).describe() == []
         finally:
             conn.close()
         assert cgroups() == self.cgroups
@@ -233,7 +240,7 @@ def test_sigkill_at_each_phase_then_clean(
     tmp_path: Path,
     bench_of: Any,
 ) -> None:
-    host = Host(conn, real_ksm)
+    host = Host(real_ksm)
     event, changes, not_yet = PHASES[phase]
     b = bench_of(scenario(tmp_path, **changes))
     if event is None:
@@ -251,21 +258,22 @@ def test_sigkill_at_each_phase_then_clean(
     for kind in not_yet:  # killed in the phase meant
         assert kind not in kinds(meta), (phase, kinds(meta))
     assert ActiveRun.load() is not None  # what clean needs to put the host back
+    run = b.run_id()
 
-    clean = kvmksm("clean")
+    clean = kvmksm("clean", "--run", run)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     meta = b.meta()
     assert meta["status"] == "error" and "was killed" in meta["error"]
     assert kinds(meta)[-1] == "cleaned"
     assert_report(b.run_json)  # type: ignore[arg-type]
-    host.assert_restored()
+    host.assert_restored(run)
 
 
 # -- SIGTERM, and a second bench meanwhile -----------------------------------------------------
 def test_sigterm_and_a_second_bench_meanwhile(
     conn: libvirt.virConnect, tiny: TinyImage, real_ksm: Ksm, tmp_path: Path, bench_of: Any
 ) -> None:
-    host = Host(conn, real_ksm)
+    host = Host(real_ksm)
     sc = scenario(tmp_path, knobs=SLOW)
     first = bench_of(sc)
     first.wait_for("guest_started")
@@ -284,14 +292,14 @@ def test_sigterm_and_a_second_bench_meanwhile(
     for kind in ("interrupted", "guest_removed", "knobs_restored", "run_end"):
         assert kind in kinds(meta), kind
     assert_report(first.run_json)  # type: ignore[arg-type]
-    host.assert_restored()
+    host.assert_restored(first.run_id())
 
 
 # -- a guest's QEMU killed after KSM went on ---------------------------------------------------
 def test_guest_killed_after_ksm_on_is_lost_at_once(
     conn: libvirt.virConnect, tiny: TinyImage, real_ksm: Ksm, tmp_path: Path, bench_of: Any
 ) -> None:
-    host = Host(conn, real_ksm)
+    host = Host(real_ksm)
     b = bench_of(scenario(tmp_path, knobs=SLOW))
     meta = b.wait_for("ksm_on")
     (guest,) = meta["guests"]
@@ -329,7 +337,7 @@ def test_guest_killed_after_ksm_on_is_lost_at_once(
     vm = pd.read_csv(run_dir / "vm_samples.csv")
     assert (vm["domain"] == guest["name"]).any()
     assert_report(b.run_json)  # type: ignore[arg-type]
-    host.assert_restored()
+    host.assert_restored(b.run_id())
 
 
 # -- libvirtd killed and started again mid-run -------------------------------------------------
@@ -367,7 +375,7 @@ def libvirtd_running_afterwards() -> Iterator[None]:
 def test_libvirtd_restarted_mid_run_reconnects_and_passes(
     conn: libvirt.virConnect, tiny: TinyImage, real_ksm: Ksm, tmp_path: Path, bench_of: Any
 ) -> None:
-    host = Host(conn, real_ksm)
+    host = Host(real_ksm)
     b = bench_of(scenario(tmp_path, knobs={"pages_to_scan": 500, "sleep_millisecs": 20}))
     with libvirtd_running_afterwards():
         b.wait_for("ksm_on")
@@ -389,7 +397,7 @@ def test_libvirtd_restarted_mid_run_reconnects_and_passes(
     assert k.index("ksm_on") < k.index("libvirt_lost") < k.index("libvirt_reconnected")
     assert "guest_lost" not in k
     assert_report(b.run_json)  # type: ignore[arg-type]
-    host.assert_restored()
+    host.assert_restored(b.run_id())
 
 
 # -- the results folder full -------------------------------------------------------------------
@@ -419,7 +427,7 @@ def _fill(path: Path) -> None:
 def test_results_folder_full_before_and_during_a_run(
     conn: libvirt.virConnect, tiny: TinyImage, real_ksm: Ksm, tmp_path: Path, bench_of: Any
 ) -> None:
-    host = Host(conn, real_ksm)
+    host = Host(real_ksm)
     sc = scenario(tmp_path, knobs=SLOW)
     # Clearly too small: refused before anything is touched.
     with tmpfs(tmp_path / "tiny_fs", "256k") as small:
@@ -428,7 +436,7 @@ def test_results_folder_full_before_and_during_a_run(
         assert len(r.stderr.strip().splitlines()) == 1 and "free" in r.stderr, r.stderr
         assert str(small / "out") in r.stderr
         assert list(small.iterdir()) == []
-        host.assert_restored()
+        assert real_ksm.read_knobs() == host.knobs and ActiveRun.load() is None
 
     # Big enough to start; filled up by someone else once KSM is on.
     with tmpfs(tmp_path / "fs", "8m") as fs:
@@ -452,4 +460,4 @@ def test_results_folder_full_before_and_during_a_run(
         assert not (run_dir / ".reserve").exists()
         (fs / "filler").unlink()
         assert_report(b.run_json)  # type: ignore[arg-type]
-    host.assert_restored()
+    host.assert_restored(b.run_id())

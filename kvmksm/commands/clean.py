@@ -14,8 +14,11 @@ from kvmksm.host.state import ActiveRun, HostLock
 from kvmksm.results.record import close_killed
 
 
-def clean(fs: HostFS, uri: str | None, dry_run: bool = False) -> tuple[list[str], list[str]]:
-    """Returns (what was done or would be done, problems)."""
+def clean(
+    fs: HostFS, uri: str | None, dry_run: bool = False, run: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Returns (what was done or would be done, problems). With ``run`` (8 hex digits), only
+    that run's tagged guests and volumes are removed."""
     lock = HostLock()
     try:
         lock.acquire("kvmksm clean")
@@ -29,7 +32,7 @@ def clean(fs: HostFS, uri: str | None, dry_run: bool = False) -> tuple[list[str]
             d, p = _undo_active(fs, active, dry_run)
             done += d
             problems += p
-        d, p = _sweep_libvirt(uri, dry_run)
+        d, p = _sweep_libvirt(uri, dry_run, run)
         done += d
         problems += p
         if active and not dry_run:
@@ -101,7 +104,9 @@ def _kill_cgroup(path: Path) -> None:
             pass
 
 
-def _sweep_libvirt(uri: str | None, dry_run: bool) -> tuple[list[str], list[str]]:
+def _sweep_libvirt(
+    uri: str | None, dry_run: bool, run: str | None = None
+) -> tuple[list[str], list[str]]:
     try:  # libvirt-python is an optional extra: without it there is no libvirt to sweep
         from kvmksm.virt.cleanup import find_leftovers, remove_leftovers
         from kvmksm.virt.conn import open_connection, resolve_uri
@@ -113,7 +118,7 @@ def _sweep_libvirt(uri: str | None, dry_run: bool) -> tuple[list[str], list[str]
     except UserError as e:
         return [], [f"libvirt not checked: {e}"]
     try:
-        left = find_leftovers(conn)
+        left = find_leftovers(conn, run)
         done = [f"remove {d}" for d in left.describe()]
         problems = [] if dry_run else remove_leftovers(conn, left)
         return done, problems
