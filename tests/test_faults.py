@@ -67,9 +67,8 @@ def _until(cond: Any, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_lifecycle_events_of_the_named_guests_only() -> None:
-    ensure_event_loop()  # before the connection opens, as the vms workload does
-    conn = libvirt.open("test:///default")
+def test_lifecycle_events_of_the_named_guests_only(test_conn: libvirt.virConnect) -> None:
+    conn = test_conn  # (the event loop registered before it opened, as the vms workload does)
     stops: list[tuple[str, str]] = []
     events = LifecycleEvents(conn, lambda: {"test"}, lambda n, r: stops.append((n, r)), print)
     try:
@@ -84,7 +83,6 @@ def test_lifecycle_events_of_the_named_guests_only() -> None:
         assert len(stops) == 1
     finally:
         events.stop()
-        conn.close()
 
 
 # -- GuestWatch: a guest lost, libvirtd gone --------------------------------------------------
@@ -97,8 +95,13 @@ def ctx(fake_fs: HostFS, tmp_path: Path) -> RunContext:
 
 @pytest.fixture
 def test_conn() -> Iterator[libvirt.virConnect]:
+    """test:///default, whose state is shared by the whole process: its domain 'test'
+    running at the start of each test."""
     ensure_event_loop()
     conn = libvirt.open("test:///default")
+    dom = conn.lookupByName("test")
+    if not dom.isActive():
+        dom.create()
     yield conn
     with contextlib.suppress(libvirt.libvirtError):
         conn.close()
