@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "clean", help="remove what a killed run left (tagged guests, volumes) and restore knobs"
     )
     c.add_argument("-n", "--dry-run", action="store_true", help="say what would be done")
+    c.add_argument(
+        "--run",
+        metavar="ID",
+        type=_run_id,
+        help="only the guests and volumes of this run (the 8 hex digits in kvmksm-ID-...), "
+        "leaving other runs' alone",
+    )
     _connect_arg(c)
 
     im = sub.add_parser("image", help="the tiny self-contained base image")
@@ -134,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _experiment_parsers(sub)
     return ap
+
+
+def _run_id(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{8}", text):
+        raise argparse.ArgumentTypeError("expected the 8 hex digits of a run id, e.g. 0a1b2c3d")
+    return text
 
 
 def _duration(text: str) -> float:
@@ -266,6 +280,7 @@ def _connect(args: argparse.Namespace) -> str | None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kvmksm.commands.bench import bench
+    from kvmksm.results.space import check_room
     from kvmksm.scenario.load import load_arg
     from kvmksm.views.terminal import TerminalProgress, bench_result
 
@@ -275,6 +290,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         sc = override_count(sc, path, args.clones, args.count)
     _check_duration(sc, path, args.yes)
+    check_room(sc, args.output)  # a record that cannot fit: refused before anything changes
     out = Console(highlight=False)
     progress = TerminalProgress(Console(stderr=True, highlight=False))
     if sc.repeats > 1 or sc.matrix:  # an experiment: every point x repeats, one run each
@@ -386,7 +402,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from kvmksm.host.fs import HostFS
     from kvmksm.views.terminal import cleaned
 
-    done, problems = clean(HostFS(), args.connect, dry_run=args.dry_run)
+    done, problems = clean(HostFS(), args.connect, dry_run=args.dry_run, run=args.run)
     cleaned(done, problems, args.dry_run, Console(highlight=False), Console(stderr=True))
     return 1 if problems else 0
 

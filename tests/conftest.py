@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.host.paths import DEFAULT_DATA_DIR
-from kvmksm.virt.conn import open_connection
+from kvmksm.virt.conn import alive, open_connection
 from kvmksm.virt.tiny_image import DEFAULT_NAME, TinyImage, build_image
 
 from .fakehost import make_tree
@@ -62,24 +63,50 @@ def _state_dir(
         monkeypatch.setenv("KVMKSM_DATA_DIR", str(tmp_path_factory.mktemp("data")))
 
 
+class _Libvirt:
+    """The session's connection to the real libvirtd, opened again when it died (the fault
+    tests restart libvirtd)."""
+
+    def __init__(self) -> None:
+        self.conn: libvirt.virConnect | None = None
+
+    def get(self) -> libvirt.virConnect:
+        if not alive(self.conn):
+            try:
+                self.conn = open_connection(LIBVIRT_URI)
+            except UserError as e:
+                pytest.fail(f"{e} (run scripts/setup.sh, or deselect with -m 'not libvirt')")
+        assert self.conn is not None
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except libvirt.libvirtError:
+                pass
+
+
 @pytest.fixture(scope="session")
-def conn() -> Iterator[libvirt.virConnect]:
+def _libvirt() -> Iterator[_Libvirt]:
+    holder = _Libvirt()
+    yield holder
+    holder.close()
+
+
+@pytest.fixture
+def conn(_libvirt: _Libvirt) -> libvirt.virConnect:
     """A connection to the real libvirtd (qemu:///system); fails, never skips, without one."""
-    try:
-        c = open_connection(LIBVIRT_URI)
-    except UserError as e:
-        pytest.fail(f"{e} (run scripts/setup.sh, or deselect with -m 'not libvirt')")
-    yield c
-    c.close()
+    return _libvirt.get()
 
 
 @pytest.fixture(scope="session")
-def tiny(conn: libvirt.virConnect, request: pytest.FixtureRequest) -> TinyImage:
+def tiny(_libvirt: _Libvirt, request: pytest.FixtureRequest) -> TinyImage:
     """The tiny base, built once and kept (build_image does nothing when it is up to date).
     The host's own image directory unless --tiny-data-dir says otherwise: the base domain is
     shared with real runs. Tests clone ``tiny.domain``, never a name of their own."""
     return build_image(
-        conn,
+        _libvirt.get(),
         name=request.config.getoption("--tiny-base"),
         directory=request.config.getoption("--tiny-data-dir") / "images",
         progress=lambda s: None,
@@ -96,6 +123,34 @@ def fake_fs(fake_root: Path) -> HostFS:
     return HostFS(fake_root)
 
 
+class _RealKsmLock:
+    """The real-KSM flock, taken once by this process however many fixtures ask for it (an
+    flock on a second descriptor of the same file would wait for ourselves)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.fd: int | None = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        if self.depth == 0:
+            fd = os.open(REAL_KSM_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.fd = fd
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and self.fd is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.close(self.fd)
+                self.fd = None
+
+
+_REAL_KSM = _RealKsmLock()
+
+
 @pytest.fixture
 def real_ksm() -> Iterator[Ksm]:
     """The host's real KSM, one test at a time (an flock shared with benchmarks and other
@@ -103,14 +158,19 @@ def real_ksm() -> Iterator[Ksm]:
     ksm = Ksm(HostFS("/"))
     if not ksm.available():
         pytest.fail("this host has no /sys/kernel/mm/ksm; the real-KSM tests need it")
-    fd = os.open(REAL_KSM_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    before = ksm.read_knobs()
-    try:
-        yield ksm
-        after = ksm.read_knobs()
-        assert after == before, f"knobs changed by the test: {before} -> {after}"
-    finally:
-        ksm.restore(before)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    with _REAL_KSM.held():
+        before = ksm.read_knobs()
+        try:
+            yield ksm
+            after = ksm.read_knobs()
+            assert after == before, f"knobs changed by the test: {before} -> {after}"
+        finally:
+            ksm.restore(before)
+
+
+@pytest.fixture(scope="module")
+def real_ksm_module() -> Iterator[None]:
+    """The real-KSM lock held across a whole module, so its tests run back to back rather
+    than queueing again behind other users of the lock between each two."""
+    with _REAL_KSM.held():
+        yield

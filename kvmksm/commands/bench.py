@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from kvmksm.analysis.metrics import compute_metrics
-from kvmksm.errors import Interrupted, WorkloadFailed
+from kvmksm.errors import Interrupted, UserError, WorkloadFailed
 from kvmksm.host.facts import host_facts
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm, ksm_processes
 from kvmksm.host.state import ActiveRun, HostLock
 from kvmksm.progress import Progress, Silent
 from kvmksm.results.events import SAMPLED, Kind
+from kvmksm.results.files import OutputError
 from kvmksm.results.record import RunRecord, load_record
 from kvmksm.sampling.sampler import Sampler
 from kvmksm.scenario.model import ProcessesWorkload, Scenario
@@ -74,9 +75,21 @@ def bench(
     lock = HostLock()
     lock.acquire(f"scenario {sc.name}")
     try:
+        _refuse_after_killed_run()
         return _run_locked(sc, output, scenario_file, fs, ksm, progress, workload)
     finally:
         lock.release()
+
+
+def _refuse_after_killed_run() -> None:
+    """A run that was killed left its knobs set and maybe guests running: measuring on top
+    of that would be wrong, and saving its knobs as 'before' would keep them for good."""
+    left = ActiveRun.load()
+    if left:
+        raise UserError(
+            f"a kvmksm run (pid {left.get('pid')}, record {left.get('run_dir')}) did not put "
+            "the host back (killed, or its teardown failed): run `kvmksm clean` first"
+        )
 
 
 def _run_locked(
@@ -91,6 +104,8 @@ def _run_locked(
     record = RunRecord.create(output, sc.model_dump(mode="json"), scenario_file)
     active = ActiveRun()
     ctx = RunContext(fs=fs, ksm=ksm, record=record, active=active, scenario=sc, progress=progress)
+    # A results folder that fills up stops the run: its figures could not be kept.
+    record.on_write_error = lambda message: ctx.halt(OutputError(message))
     saved = ksm.read_knobs()
     active.start(record.dir, saved)
     record.update(host=host_facts(fs), knobs_before=saved, counters_before=ksm.read_counters())
@@ -119,6 +134,8 @@ def _run_locked(
         except WorkloadFailed as e:
             status, error = "failed", str(e)
             record.event(Kind.ERROR, error)
+        except OutputError as e:  # the record cannot be written: said below, in one line
+            status, error = "error", str(e)
         except Exception as e:
             status, error = "error", f"{type(e).__name__}: {e}"
             record.event(Kind.ERROR, error, traceback=traceback.format_exc())
@@ -138,7 +155,12 @@ def _run_locked(
                     )
                 record.event(Kind.RUN_END, status)
                 record.finish(status, error)
-                active.finish()
+                if problems:
+                    # Something of the run is still on the host: `kvmksm clean` finds it here.
+                    active.data["teardown_problems"] = problems
+                    active.save()
+                else:
+                    active.finish()
                 _store_metrics(record)
     return BenchResult(status, record.dir, record.data["checks"], error)
 

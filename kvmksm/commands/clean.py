@@ -11,10 +11,14 @@ from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.host.state import ActiveRun, HostLock
+from kvmksm.results.record import close_killed
 
 
-def clean(fs: HostFS, uri: str | None, dry_run: bool = False) -> tuple[list[str], list[str]]:
-    """Returns (what was done or would be done, problems)."""
+def clean(
+    fs: HostFS, uri: str | None, dry_run: bool = False, run: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Returns (what was done or would be done, problems). With ``run`` (8 hex digits), only
+    that run's tagged guests and volumes are removed."""
     lock = HostLock()
     try:
         lock.acquire("kvmksm clean")
@@ -28,14 +32,38 @@ def clean(fs: HostFS, uri: str | None, dry_run: bool = False) -> tuple[list[str]
             d, p = _undo_active(fs, active, dry_run)
             done += d
             problems += p
-        d, p = _sweep_libvirt(uri, dry_run)
+        d, p = _sweep_libvirt(uri, dry_run, run)
         done += d
         problems += p
-        if active and not dry_run and not problems:
-            ActiveRun().finish()
+        if active and not dry_run:
+            _close_record(active, done, problems)
+            if not problems:
+                ActiveRun().finish()
         return done, problems
     finally:
         lock.release()
+
+
+def _close_record(active: dict[str, Any], done: list[str], problems: list[str]) -> None:
+    """The killed run's record says it was killed, and what clean put back."""
+    run_dir = active.get("run_dir")
+    if not run_dir:
+        return
+    what = "; ".join(done) or "nothing was left"
+    if problems:
+        what += "; not removed: " + "; ".join(problems)
+    try:
+        closed = close_killed(
+            Path(run_dir),
+            f"kvmksm (pid {active.get('pid')}) was killed before the run ended; "
+            "`kvmksm clean` put the host back",
+            what,
+        )
+    except UserError as e:  # the record's folder is gone or unwritable: the host matters more
+        problems.append(f"record {run_dir} not closed: {e}")
+        return
+    if closed:
+        done.append(f"mark the record {run_dir} as killed")
 
 
 def _undo_active(fs: HostFS, active: dict[str, Any], dry_run: bool) -> tuple[list[str], list[str]]:
@@ -76,7 +104,9 @@ def _kill_cgroup(path: Path) -> None:
             pass
 
 
-def _sweep_libvirt(uri: str | None, dry_run: bool) -> tuple[list[str], list[str]]:
+def _sweep_libvirt(
+    uri: str | None, dry_run: bool, run: str | None = None
+) -> tuple[list[str], list[str]]:
     try:  # libvirt-python is an optional extra: without it there is no libvirt to sweep
         from kvmksm.virt.cleanup import find_leftovers, remove_leftovers
         from kvmksm.virt.conn import open_connection, resolve_uri
@@ -88,7 +118,7 @@ def _sweep_libvirt(uri: str | None, dry_run: bool) -> tuple[list[str], list[str]
     except UserError as e:
         return [], [f"libvirt not checked: {e}"]
     try:
-        left = find_leftovers(conn)
+        left = find_leftovers(conn, run)
         done = [f"remove {d}" for d in left.describe()]
         problems = [] if dry_run else remove_leftovers(conn, left)
         return done, problems

@@ -100,6 +100,10 @@ class ActiveRun:
         self.path.unlink(missing_ok=True)
         self.data = {}
 
+    def save(self) -> None:
+        """Write the state as it is now (after changing ``data``)."""
+        self._save()
+
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")

@@ -22,6 +22,8 @@ class Kind(StrEnum):
     METRICS_ERROR = "metrics_error"
     SAMPLER_ERRORS = "sampler_errors"
     OTHER_KSM_USERS = "other_ksm_users"
+    RECORD_UNWRITABLE = "record_unwritable"  # the results folder is full or read-only
+    CLEANED = "cleaned"  # `kvmksm clean` finished the record of a run that was killed
     # KSM and its knobs
     KSM_OFF = "ksm_off"
     KSM_ON = "ksm_on"
@@ -51,6 +53,9 @@ class Kind(StrEnum):
     STEADY = "steady"
     STEADY_TIMEOUT = "steady_timeout"
     PLATEAU_DONE = "plateau_done"
+    GUEST_LOST = "guest_lost"  # a guest stopped during the run (crashed, shut down, killed)
+    LIBVIRT_LOST = "libvirt_lost"  # the run's libvirt connection closed (libvirtd restarted)
+    LIBVIRT_RECONNECTED = "libvirt_reconnected"
     RECONCILED = "reconciled"
     SHARING_MATRIX = "sharing_matrix"
     SHARING_POTENTIAL = "sharing_potential"
@@ -72,6 +77,7 @@ class Kind(StrEnum):
 # Events after which the merge window of a run has ended (the first one after KSM went on).
 ENDS_MERGE = (
     Kind.PLATEAU_DONE,
+    Kind.GUEST_LOST,  # the figures after it describe fewer guests than the scenario
     Kind.UNMERGE,
     Kind.KSM_OFF,
     Kind.STOP,

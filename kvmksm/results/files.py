@@ -7,9 +7,10 @@ Every JSON document and HTML page kvmksm writes goes through write_json / write_
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,49 +65,88 @@ def read_json(path: Path, what: str) -> Any:
 
 
 class CsvAppender:
-    """Appends rows and flushes each one, so a crash loses at most the row being written."""
+    """Appends rows, each written through at once, so a crash loses at most the row being
+    written.
 
-    def __init__(self, path: Path, columns: list[str]) -> None:
+    A write that fails (a full disk) leaves no half row behind: the file is cut back to its
+    last whole row. The first failure raises OutputError (after telling ``on_error``); from
+    then on rows are dropped (counted in ``dropped``), so a full disk costs one error, not
+    one a tick, and what is written stays a readable CSV."""
+
+    def __init__(
+        self, path: Path, columns: list[str], on_error: Callable[[str], None] | None = None
+    ) -> None:
         self.path = path
         self.columns = columns
+        self.on_error = on_error
+        self.failed: str | None = None
+        self.dropped = 0
+        self.rows = 0
+        self._buf = io.StringIO()
+        self._w = csv.DictWriter(self._buf, fieldnames=columns, extrasaction="ignore")
+        self._seq = csv.writer(self._buf)  # the same (default) dialect: write_sequences
+        self._size = 0
+        self._fd = -1
         try:
-            self._f = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
-            self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="ignore")
-            self._seq = csv.writer(self._f)  # the same (default) dialect: write_sequences
-            self._w.writeheader()
-            self._f.flush()
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise output_error(path, e) from None
-        self.rows = 0
+        self._w.writeheader()
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self._buf.getvalue().encode()
+        self._buf.seek(0)
+        self._buf.truncate()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            try:
+                os.ftruncate(self._fd, self._size)  # no half row: the file ends on a whole one
+            except OSError:
+                pass
+            err = output_error(self.path, e)
+            self.failed = str(err)
+            if self.on_error is not None:
+                self.on_error(self.failed)
+            raise err from None
+        self._size += len(data)
+
+    def stop(self) -> None:
+        """Write no more (the record cannot be written): later rows are dropped."""
+        self.failed = self.failed or "stopped"
 
     def write(self, row: dict[str, Any]) -> None:
-        try:
-            self._w.writerow(row)
-            self._f.flush()
-        except OSError as e:
-            raise output_error(self.path, e) from None
+        if self.failed:
+            self.dropped += 1
+            return
+        self._w.writerow(row)
+        self._flush()
         self.rows += 1
 
     def write_many(self, rows: list[dict[str, Any]]) -> None:
-        try:
-            self._w.writerows(rows)
-            self._f.flush()
-        except OSError as e:
-            raise output_error(self.path, e) from None
+        if self.failed:
+            self.dropped += len(rows)
+            return
+        self._w.writerows(rows)
+        self._flush()
         self.rows += len(rows)
 
     def write_sequences(self, rows: Sequence[Sequence[Any]]) -> None:
         """Rows as sequences in ``columns`` order: no dict per row (a thousand guests a tick)."""
-        try:
-            self._seq.writerows(rows)
-            self._f.flush()
-        except OSError as e:
-            raise output_error(self.path, e) from None
+        if self.failed:
+            self.dropped += len(rows)
+            return
+        self._seq.writerows(rows)
+        self._flush()
         self.rows += len(rows)
 
     def close(self) -> None:
-        if not self._f.closed:
+        if self._fd >= 0:
             try:
-                self._f.close()
-            except OSError:  # a full disk fails the last flush: the rows before it stay
+                os.close(self._fd)
+            except OSError:
                 pass
+            self._fd = -1

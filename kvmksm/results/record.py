@@ -14,6 +14,8 @@ record at once (tests, generators), annotate adds fields to a finished one.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 import time
@@ -28,7 +30,7 @@ import pandas as pd
 from kvmksm import __version__
 from kvmksm.errors import UserError
 from kvmksm.results.events import Kind
-from kvmksm.results.files import CsvAppender, OutputError, read_json, write_json
+from kvmksm.results.files import CsvAppender, OutputError, output_error, read_json, write_json
 from kvmksm.results.meta import Check, Event, RunMeta, parse_meta
 
 FORMAT = 1
@@ -36,6 +38,10 @@ RUN_JSON = "run.json"
 SAMPLES = "samples.csv"
 VM_SAMPLES = "vm_samples.csv"
 REPORT = "report.html"
+# Room kept aside in a run folder while the run is written, freed when a write fails (a full
+# disk), so run.json can still say how the run ended and why.
+RESERVE = ".reserve"
+RESERVE_BYTES = 1 << 20
 CONSOLES = "consoles"  # guests' serial console logs, copied before teardown deletes them
 
 # Upgrades of older run.json documents: MIGRATIONS[n] turns format n into format n + 1.
@@ -71,9 +77,11 @@ def migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
 class RunRecord:
     """A run directory being written. run.json is rewritten atomically on every change.
 
-    A write that fails (a full disk) never interrupts the run or its teardown: the data stays
-    in memory, the next change tries again, and `write_error` says what went wrong so the
-    run can end as failed with that reason."""
+    A write that fails (a full disk) never raises into the run or its teardown: the data
+    stays in memory, `write_error` says what went wrong, the CSV files stop (what they hold
+    stays whole), the room reserved at creation is freed so that run.json can still be
+    rewritten to its end, an event says so, and `on_write_error` (the runner's) is told, so
+    the run stops and ends as failed with that reason."""
 
     def __init__(self, directory: Path, data: dict[str, Any]) -> None:
         self.dir = directory
@@ -82,7 +90,9 @@ class RunRecord:
         self.write_error: str | None = None
         # Called after an event is logged, with its kind (a run pokes its sampler here).
         self.on_event: Callable[[str], None] | None = None
-        self._lock = threading.Lock()
+        self.on_write_error: Callable[[str], None] | None = None
+        self._appenders: list[CsvAppender] = []
+        self._lock = threading.RLock()  # a failed save records an event, under the same lock
 
     @classmethod
     def create(
@@ -115,7 +125,40 @@ class RunRecord:
         rec.save()
         if rec.write_error:
             raise OutputError(rec.write_error)
+        rec._reserve()
         return rec
+
+    def _reserve(self) -> None:
+        path = self.dir / RESERVE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            # Nothing ran: leave no record of it (it would say 'running' for ever).
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise output_error(path, e) from None
+
+    def _release_reserve(self) -> None:
+        try:
+            (self.dir / RESERVE).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _failed(self, message: str) -> None:
+        """The first write that failed: stop the CSVs, free the reserve, say so, tell the run."""
+        with self._lock:
+            if self.write_error is not None:
+                return
+            self.write_error = message
+            for a in self._appenders:
+                a.stop()
+            self._release_reserve()
+            self.event(Kind.RECORD_UNWRITABLE, message)
+        if self.on_write_error is not None:
+            self.on_write_error(message)
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 4)
@@ -148,15 +191,22 @@ class RunRecord:
         try:
             write_json(self.dir / RUN_JSON, self.data)
         except OutputError as e:
-            self.write_error = self.write_error or str(e)
+            self._failed(str(e))
 
     def csv(self, name: str, columns: list[str]) -> CsvAppender:
         with self._lock:
             self.data["files"][name.removesuffix(".csv")] = name
-        return CsvAppender(self.dir / name, columns)
+        try:
+            appender = CsvAppender(self.dir / name, columns, on_error=self._failed)
+        except OutputError as e:
+            self._failed(str(e))
+            raise
+        self._appenders.append(appender)
+        return appender
 
     def finish(self, status: str, error: str | None = None) -> None:
         self.update(status=status, error=error, finished=utc_now(), duration_s=self.now())
+        self._release_reserve()
 
 
 def new_dir(parent: Path, suffix: str) -> Path:
@@ -260,6 +310,28 @@ def write_record(
         vm_samples.to_csv(directory / VM_SAMPLES, index=False)
     write_json(directory / RUN_JSON, meta)
     return directory
+
+
+def close_killed(directory: Path, error: str, detail: str) -> bool:
+    """End the record of a run that was killed (left 'running'): status error with ``error``,
+    and a ``cleaned`` event saying what was put back. False when there was nothing to end
+    (no record, or one that had ended)."""
+    path = Path(directory) / RUN_JSON
+    try:
+        data = read_json(path, "run record")
+    except UserError:
+        return False
+    if not isinstance(data, dict) or data.get("status") != "running":
+        return False
+    t = max([e.get("t", 0) for e in data.get("events") or []] or [0])
+    data["events"] = [
+        *(data.get("events") or []),
+        {"t": t, "time": utc_now(), "kind": str(Kind.CLEANED), "detail": detail},
+    ]
+    data.update(status="error", error=error, finished=utc_now())
+    write_json(path, data)
+    (Path(directory) / RESERVE).unlink(missing_ok=True)
+    return True
 
 
 def annotate(directory: Path, **fields: Any) -> RunMeta:

@@ -40,9 +40,17 @@ class VmProbe:
 
     filename = VM_SAMPLES
 
-    def __init__(self, fs: HostFS, guests: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self,
+        fs: HostFS,
+        guests: Callable[[], Mapping[str, int]],
+        on_gone: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.fs = fs
         self.guests = guests
+        # Told (domain, pid) once when a listed guest's process is found gone (bench fails
+        # the run: its guests are the scenario); watch lists guests that come and go.
+        self.on_gone = on_gone
         self.columns = list(VM_COLUMNS)
         self._last: list[tuple[Any, ...]] = []  # this tick's rows, for live views
         self.gone = 0  # reads skipped because the process had exited
@@ -66,6 +74,7 @@ class VmProbe:
                 self._files[key] = self._open_files(key[1])
             except ProcessGone:
                 self._dead.add(key)
+                self._tell_gone(key)
         self._mapping = dict(mapping)
         self._index()
 
@@ -108,10 +117,15 @@ class VmProbe:
                 if files is not None:
                     files.close()
                 self._dead.add(key)
+                self._tell_gone(key)
             self._index()
         self.gone += len(self._dead)
         self._last = out  # replaced whole: a reader in another thread never sees it half-built
         return out
+
+    def _tell_gone(self, key: tuple[str, int]) -> None:
+        if self.on_gone is not None:
+            self.on_gone(*key)
 
     @property
     def last(self) -> dict[str, dict[str, Any]]:

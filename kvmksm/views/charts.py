@@ -73,6 +73,7 @@ EVENTS = {  # event kind: legend text, colour, line style
     "unmerge_done": ("unmerge done", "#c62828", ":"),
     "stop": ("KSM stop", "#212121", ":"),
     "interrupted": ("interrupted", "#b71c1c", "--"),
+    "guest_lost": ("guest lost", "#b71c1c", "-"),
     "error": ("error", "#b71c1c", "--"),
 }
 MEMINFO = {  # /proc/meminfo lines charted, and their colours

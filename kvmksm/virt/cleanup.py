@@ -16,7 +16,7 @@ import libvirt
 
 from kvmksm.host import paths
 from kvmksm.host.fs import HostFS
-from kvmksm.virt.domains import destroy, lookup, read_tag, undefine
+from kvmksm.virt.domains import destroy, dom_gone, read_tag, undefine
 from kvmksm.virt.volumes import delete_volume, tagged_volumes
 
 _CONSOLE_RE = re.compile(r"^kvmksm-[0-9a-f]{8}-.*\.log$")
@@ -122,7 +122,12 @@ def remove_clone(
     a run that was killed before it could say which it had made)."""
     problems: list[str] = []
     try:
-        dom = lookup(conn, name)
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if not dom_gone(e):  # libvirtd away: the clone may well be there still
+                return [f"cannot look up {name}: {e.get_error_message()}"]
+            dom = None
         if dom is not None:
             tag = read_tag(dom)
             if tag is None or tag.kind != "clone":

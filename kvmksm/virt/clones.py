@@ -35,7 +35,7 @@ from kvmksm.results.events import Kind
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.virt.boot import BootError, Pending, console_tail, wait_up
 from kvmksm.virt.cleanup import find_leftovers, remove_clone, remove_leftovers
-from kvmksm.virt.conn import is_local
+from kvmksm.virt.conn import RECONNECT_TIMEOUT, alive, is_local, reconnect
 from kvmksm.virt.domains import (
     Base,
     CloneDisk,
@@ -124,10 +124,13 @@ class Clones:
     pool: Pool | None = None
     # Volume names this run's clones tried and failed to create: if they exist, they are not ours.
     foreign: set[tuple[str, str]] = field(default_factory=set)
+    # How long teardown waits for libvirtd to come back when the connection has died.
+    reconnect_timeout: float = RECONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[0-9a-f]{8}", self.run):
             raise ValueError(f"run id must be 8 hex digits, got {self.run!r}")
+        self.uri: str = self.conn.getURI()  # to reconnect to, should libvirtd restart
 
     # -- read-only checks -------------------------------------------------------------
     def check(self) -> Base:
@@ -298,8 +301,26 @@ class Clones:
     # -- teardown ---------------------------------------------------------------------
     def teardown(self) -> list[str]:
         """Destroy, strip and undefine every clone of this run, delete volumes and console
-        logs. Idempotent, never raises; returns what could not be removed."""
+        logs. Idempotent, never raises; returns what could not be removed.
+
+        A connection that died (libvirtd restarted) is opened again first, waiting up to
+        ``reconnect_timeout`` seconds: the guests run on without libvirtd and must still go."""
         problems: list[str] = []
+        if not alive(self.conn):
+            new = reconnect(self.uri, self.reconnect_timeout)
+            if new is None:
+                left = [g.name for g in self.guests if g.defined or g.volumes]
+                return [
+                    f"libvirtd at {self.uri} did not answer within {self.reconnect_timeout:g}s: "
+                    f"{', '.join(left) or 'nothing'} left with their volumes; run `kvmksm "
+                    "clean` once it is back"
+                ]
+            self.log(Kind.LIBVIRT_RECONNECTED, f"{self.uri} for teardown")
+            try:
+                self.conn.close()
+            except libvirt.libvirtError:
+                pass
+            self.conn = new
         for g in reversed(self.guests):
             p = remove_clone(self.conn, g.name, list(g.volumes), g.console, tag_volumes=False)
             problems += p

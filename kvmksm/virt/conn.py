@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import libvirt
@@ -10,6 +12,8 @@ import libvirt
 from kvmksm.errors import UserError
 
 DEFAULT_URI = "qemu:///system"
+# How long a run waits for libvirtd to come back (a restart takes a few seconds).
+RECONNECT_TIMEOUT = 60.0
 
 
 def _silence(_ctx: object, _err: object) -> None:
@@ -37,6 +41,39 @@ def open_connection(uri: str) -> libvirt.virConnect:
         raise UserError(
             f"cannot connect to libvirt at {uri}: {e.get_error_message()}{hint}"
         ) from None
+
+
+def alive(conn: libvirt.virConnect | None) -> bool:
+    """True when the connection still reaches libvirtd (one cheap call: a closed socket is
+    only noticed on use where no event loop watches it)."""
+    if conn is None:
+        return False
+    try:
+        conn.getLibVersion()
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def reconnect(
+    uri: str,
+    timeout: float = RECONNECT_TIMEOUT,
+    poll: float = 1.0,
+    stop: Callable[[], bool] = lambda: False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> libvirt.virConnect | None:
+    """A new read-write connection to ``uri``, trying every ``poll`` seconds for up to
+    ``timeout`` seconds (libvirtd being restarted); None when it did not come back in time or
+    ``stop()`` said to give up."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return libvirt.open(uri)
+        except libvirt.libvirtError:
+            pass
+        if stop() or time.monotonic() + poll > end:
+            return None
+        sleep(poll)
 
 
 def open_read_only(uri: str) -> libvirt.virConnect:

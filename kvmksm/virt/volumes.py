@@ -203,8 +203,10 @@ def delete_volume(conn: libvirt.virConnect, pool: str, name: str) -> str | None:
         return f"refusing to delete volume {pool}/{name}: not a kvmksm volume"
     try:
         vol = conn.storagePoolLookupByName(pool).storageVolLookupByName(name)
-    except libvirt.libvirtError:
-        return None
+    except libvirt.libvirtError as e:
+        if e.get_error_code() in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL):
+            return None  # already gone
+        return f"cannot look up volume {pool}/{name}: {e.get_error_message()}"
     try:
         vol.delete(0)
     except libvirt.libvirtError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,30 @@ class RunContext:
     scenario: Scenario
     progress: Progress = field(default_factory=Silent)
     failed_checks: int = 0
+    # Set from any thread when the run cannot go on (a guest lost, the record unwritable):
+    # the workload's waits raise it in the main thread, so the run ends and tears down.
+    _halt: threading.Event = field(default_factory=threading.Event, repr=False)
+    _halt_reason: BaseException | None = field(default=None, repr=False)
+
+    def halt(self, reason: BaseException) -> None:
+        """Stop the run with this exception at its next wait (the first reason wins)."""
+        if self._halt_reason is None:
+            self._halt_reason = reason
+        self._halt.set()
+
+    @property
+    def halted(self) -> BaseException | None:
+        return self._halt_reason
+
+    def check_halt(self) -> None:
+        """Raise the halt reason, if any."""
+        if self._halt_reason is not None:
+            raise self._halt_reason
+
+    def sleep(self, seconds: float) -> None:
+        """Wait, unless the run is halted meanwhile (then raise why, at once)."""
+        self._halt.wait(max(0.0, seconds))
+        self.check_halt()
 
     def check(self, label: str, expect: Mapping[str, int | Range]) -> bool:
         """Read every KSM file now and judge the expectations; recorded in run.json."""

@@ -44,6 +44,7 @@ class ProcessesRun(Workload):
             + (f" in memory cgroup v{self.cgroup.version}" if self.cgroup else ""),
         )
         for i, step in enumerate(spec.steps, 1):
+            ctx.check_halt()  # e.g. the record could not be written: no point going on
             if isinstance(step, FillStep):
                 label = f"step {i} fill {'/'.join(p.describe() for p in step.patterns)}"
                 self._fill(ctx, i, step)

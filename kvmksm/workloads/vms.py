@@ -20,12 +20,15 @@ from kvmksm.sampling.guest_rows import VmProbe
 from kvmksm.sampling.sampler import Probe
 from kvmksm.scenario.model import VmsWorkload
 from kvmksm.units import format_size
+from kvmksm.virt.boot import BootError
 from kvmksm.virt.clones import Clones
 from kvmksm.virt.conn import is_local, open_connection, resolve_uri, versions
 from kvmksm.virt.guest_memory import base_problem
+from kvmksm.virt.lifecycle import ensure_event_loop
 from kvmksm.virt.tiny_image import outdated
 from kvmksm.workloads import sharing
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
+from kvmksm.workloads.guest_watch import GuestWatch, wait
 
 POLL = 0.05  # seconds between steady-state readings (a reading is three sysfs reads)
 
@@ -56,12 +59,16 @@ class VmsRun(Workload):
         self.clones: Clones | None = None
         self.pids: dict[str, int] = {}
         self.fs: HostFS | None = None
+        self.watch: GuestWatch | None = None
 
     # -- before anything is created -------------------------------------------------------
     def preflight(self, fs: HostFS, ksm: Ksm) -> None:
         self.fs = fs
         require_counters(fs, ksm, self.spec.expect, "workload.expect")
         self.uri = resolve_uri(self.connect, self.spec.connect)
+        # Before the connection is opened: libvirt ties a connection to the event loop
+        # there is when it opens (guests stopping, libvirtd going away are events).
+        ensure_event_loop()
         self.conn = open_connection(self.uri)
         try:
             self._check_base(Clones(self.conn, self.spec), fs)
@@ -103,7 +110,17 @@ class VmsRun(Workload):
 
     def probes(self) -> list[Probe]:
         assert self.fs is not None
-        return [VmProbe(self.fs, lambda: dict(self.pids))]
+        return [VmProbe(self.fs, lambda: dict(self.pids), on_gone=self._process_gone)]
+
+    def _process_gone(self, name: str, pid: int) -> None:
+        if self.watch is not None:
+            self.watch.process_gone(name, pid)
+
+    def _use(self, conn: Any) -> None:
+        """A new connection after libvirtd came back: the clones use it from now on."""
+        self.conn = conn
+        if self.clones is not None:
+            self.clones.conn = conn
 
     # -- the timeline ---------------------------------------------------------------------
     def run(self, ctx: RunContext) -> None:
@@ -114,21 +131,30 @@ class VmsRun(Workload):
         self.clones = clones = Clones(
             self.conn, spec, record=ctx.record.dir.name, recorder=ctx.active, log=ctx.record.event
         )
+        self.watch = watch = GuestWatch(ctx, self.uri, self.conn, self._use)
         ctx.record.event(
             Kind.WORKLOAD_START,
             f"{spec.clones} clones ({spec.disk}) of {clones.check().name}, type {spec.domain_type}",
         )
         with ctx.phase(f"creating {spec.clones} clones"):
             clones.create()
+        watch.follow([g.name for g in clones.guests])
         with ctx.phase(f"starting {spec.clones} guests"):
             clones.start()
         with ctx.phase(f"waiting for {spec.clones} guests to come up ({spec.boot.method})"):
-            times = clones.wait_up()
+            try:
+                times = clones.wait_up()
+            except BootError:
+                # A guest cannot be asked whether it is up while libvirtd is away: say that.
+                if watch.connection_lost():
+                    raise watch.lost_libvirt_error("while the guests were booting") from None
+                raise
         ctx.record.event(Kind.ALL_UP, f"slowest boot {max(times.values()):.1f}s")
+        watch.attend()
         self.pids = clones.pids(ctx.fs)
         ctx.record.update(guests=[self._guest_info(g) for g in clones.guests])
         with ctx.phase(f"settling for {spec.settle:g}s"):
-            time.sleep(spec.settle)
+            wait(ctx, watch, spec.settle)
         ctx.record.event(Kind.SETTLE_DONE, f"{spec.settle:g}s")
 
         ctx.ksm.write("run", 1)
@@ -137,11 +163,12 @@ class VmsRun(Workload):
         if spec.plateau > 0:
             # Savings and ksmd's cost at rest are measured over this stretch of the curve.
             with ctx.phase(f"holding the plateau for {spec.plateau:g}s"):
-                time.sleep(spec.plateau)
+                wait(ctx, watch, spec.plateau)
         # Ends the plateau window (also with plateau: 0), so what follows stays out of it.
         ctx.record.event(Kind.PLATEAU_DONE, f"{spec.plateau:g}s after steady")
         # Who shares with whom, and how much more could merge: after the plateau window.
         sharing.measure(ctx, self.pids, spec.sharing)
+        watch.attend()
         self._reconcile(ctx)
         ctx.check("steady", spec.expect)
         if spec.unmerge:
@@ -155,6 +182,7 @@ class VmsRun(Workload):
                 seconds=round(secs, 4),
                 pages_sharing=ctx.ksm.read("pages_sharing"),
             )
+        watch.attend()  # a guest lost at the very end still fails the run
 
     def _guest_info(self, g: Any) -> dict[str, Any]:
         info = dict(g.as_dict())
@@ -178,6 +206,8 @@ class VmsRun(Workload):
         try:
             with ctx.phase("KSM on: waiting for the merge curve to level off") as update:
                 while True:
+                    if self.watch is not None:
+                        self.watch.attend()  # a guest lost: stop waiting for steady at once
                     scans = int(ctx.ksm.read("full_scans"))
                     sharing = int(ctx.ksm.read("pages_sharing"))
                     scanned = int(ctx.ksm.read("pages_scanned")) if has_scanned else None
@@ -208,7 +238,7 @@ class VmsRun(Workload):
                         f"({format_size(sharing * page)} saved), "
                         f"{scans - (det.start_scans or scans)} full scans"
                     )
-                    time.sleep(POLL)
+                    ctx.sleep(POLL)
         finally:
             guests.close()
 
@@ -247,12 +277,16 @@ class VmsRun(Workload):
     # -- teardown --------------------------------------------------------------------------
     def teardown(self, ctx: RunContext) -> list[str]:
         problems: list[str] = []
+        if self.watch is not None:
+            self.watch.close()  # destroying our own guests is no loss
+            self.watch = None
         if self.clones is not None:
             try:
                 self.clones.save_consoles(ctx.record.dir / "consoles")
             except OSError as e:
                 problems.append(f"saving console logs: {e}")
             problems += self.clones.teardown()
+            self.conn = self.clones.conn  # teardown reconnects when libvirtd went away
             self.clones = None
         self.pids = {}
         if self.conn is not None:
