@@ -8,8 +8,8 @@ inside every group's current range in ``bins`` equal bins and narrows the range 
 holding the rank. When the range is one integer wide the value is known. Values that move
 little (counters on a plateau) are settled by a single pass; any int64 range by a few.
 
-``blocks()`` yields ``(group codes, {column: values})`` and is called once per pass, so it
-can read from disk each time; every column is narrowed in the same pass. NaN values are
+``blocks(columns)`` yields ``(group codes, {column: values})`` and is called once per pass
+with the columns still unsettled, so it can read just those from disk each time. NaN values are
 skipped. Memory: groups x bins counts per column per pass.
 """
 
@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-Blocks = Callable[[], Iterable[tuple[np.ndarray, dict[str, np.ndarray]]]]
+# blocks(columns) -> (group codes, {column: values}) for those columns (None: all of them)
+Blocks = Callable[[set[str] | None], Iterable[tuple[np.ndarray, dict[str, np.ndarray]]]]
 Stats = tuple[np.ndarray, np.ndarray, np.ndarray]
 BINS = 4096
 MAX_COUNTS = 1 << 23  # histograms x bins per pass: 64 MiB of counts at most
@@ -30,19 +31,20 @@ def group_stats(
 ) -> Stats:
     """(count, minimum, maximum) of each group's non-NaN values in one block (min > max where a
     group has none)."""
-    keep = ~np.isnan(values)
-    if not keep.all():
-        codes, values = codes[keep], values[keep]
+    if values.dtype.kind == "f":
+        keep = ~np.isnan(values)
+        if not keep.all():
+            codes, values = codes[keep], values[keep]
     count = np.bincount(codes, minlength=groups)
     lo = np.full(groups, np.inf)
     hi = np.full(groups, -np.inf)
     if not len(values):
         return count, lo, hi
-    if sorted_by_group:  # contiguous runs: reduceat, no scatter
+    if sorted_by_group:  # contiguous runs (one or a few a group): reduceat, then few scatters
         starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
         present = codes[starts]
-        lo[present] = np.minimum.reduceat(values, starts)
-        hi[present] = np.maximum.reduceat(values, starts)
+        np.minimum.at(lo, present, np.minimum.reduceat(values, starts).astype(float))
+        np.maximum.at(hi, present, np.maximum.reduceat(values, starts).astype(float))
     else:
         np.minimum.at(lo, codes, values)
         np.maximum.at(hi, codes, values)
@@ -68,11 +70,11 @@ def group_medians(
     bins: int = BINS,
 ) -> dict[str, np.ndarray]:
     """The median of each group's values, for each column (NaN for a group with none).
-    ``blocks()`` yields ``(codes, {column: values})``; ``stats`` are each column's
+    ``blocks(columns)`` yields ``(codes, {column: values})``; ``stats`` are each column's
     (count, min, max) when a pass already gave them, otherwise a first pass takes them."""
     if stats is None:
         stats = {}
-        for codes, cols in blocks():
+        for codes, cols in blocks(None):
             for name, values in cols.items():
                 one = group_stats(codes, values, groups)
                 stats[name] = merge_stats(stats[name], one) if name in stats else one
@@ -129,18 +131,23 @@ class _Pass:
         self.counts = np.zeros(len(hkeys) * bins, dtype=np.int64)
 
     def add(self, codes: np.ndarray, values: np.ndarray) -> None:
-        keep = ~np.isnan(values)
-        if not keep.all():
-            codes, values = codes[keep], values[keep]
-        v = values.astype(np.int64)
+        if values.dtype.kind == "f":
+            keep = ~np.isnan(values)
+            if not keep.all():
+                codes, values = codes[keep], values[keep]
+        v = values.astype(np.int64, copy=False)
+        span = (self.hhi - self.hlo).astype(np.uint64)
+        unit = bool((self.width == 1).all())
         for slot in self.slots:
             h = slot[codes]
             rel = v - self.hlo[h]
-            inside = (h >= 0) & (rel >= 0) & (v <= self.hhi[h])
-            if not inside.any():
-                continue
-            hh = h[inside]
-            idx = hh * self.bins + rel[inside] // self.width[hh]
+            # one unsigned comparison: 0 <= rel <= hi - lo
+            inside = rel.view(np.uint64) <= span[h]
+            if len(self.slots) > 1 or not (slot >= 0).all():
+                inside &= h >= 0
+            if not inside.all():
+                h, rel = h[inside], rel[inside]
+            idx = h * self.bins + (rel if unit else rel // self.width[h])
             self.counts += np.bincount(idx, minlength=len(self.counts))
 
     def narrow(self) -> None:
@@ -157,7 +164,7 @@ class _Pass:
 def _narrow(blocks: Blocks, groups: int, targets: dict[str, _Targets], bins: int) -> None:
     """One pass over the data: every unsettled range narrowed to the bin holding its rank."""
     passes = {n: _Pass(t, groups, bins) for n, t in targets.items() if t.unsettled()}
-    for codes, cols in blocks():
+    for codes, cols in blocks(set(passes)):
         for name, p in passes.items():
             if name in cols:
                 p.add(codes, cols[name])

@@ -127,7 +127,11 @@ class _Pass:
 
     def __init__(self, axis: np.ndarray, start: float | None, end: float | None) -> None:
         self.axis = axis
+        self.axis_ms = np.rint(axis * 1000).astype(np.int64)
         self.start, self.end = start, end
+        # the plateau in ms: rows at start <= t < end (t is kept to the millisecond)
+        self.start_ms = None if start is None else int(np.ceil(round(start * 1000, 6)))
+        self.end_ms = None if end is None else int(np.ceil(round(end * 1000, 6)))
         n = len(axis)
         self.size = max(1, -(-n // BUCKETS))
         self.nb = -(-n // self.size) if n else 0
@@ -136,17 +140,33 @@ class _Pass:
         self.tick_sums: dict[str, np.ndarray] = {}
         self.bucket_sum = _Grow(self.nb)
         self.bucket_rows = _Grow(self.nb)
-        self.last_t = np.full(0, -np.inf)
+        self.last_t = np.full(0, np.iinfo(np.int64).min)
         self.last_pid = np.full(0, np.nan)
         self.stats: dict[str, Stats] = {}
         self.kept: list[tuple[np.ndarray, dict[str, np.ndarray]]] | None = []
         self.kept_rows = 0
         self.columns: set[str] = set()
 
+    def _ticks(self, t_ms: np.ndarray) -> np.ndarray:
+        """Each row's tick: its place on the axis, through a table over the chunk's span of
+        milliseconds (a gather, where a binary search per row costs ten times more)."""
+        lo, hi = int(t_ms.min()), int(t_ms.max())
+        a0, a1 = np.searchsorted(self.axis_ms, [lo, hi + 1])
+        if hi - lo < 8 * len(t_ms) + 1_000_000:
+            table = np.full(hi - lo + 1, -1, dtype=np.int64)
+            table[self.axis_ms[a0:a1] - lo] = np.arange(a0, a1)
+            idx = table[t_ms - lo]
+            off = idx < 0  # a row at a time no host sample has: the next tick
+            if off.any():
+                idx[off] = np.searchsorted(self.axis_ms, t_ms[off])
+        else:
+            idx = np.searchsorted(self.axis_ms, t_ms)
+        return np.minimum(idx, len(self.axis_ms) - 1)
+
     def add(self, chunk: Chunk) -> None:
         g = self.guests.codes(chunk)
         ng = len(self.guests.names)
-        idx = np.minimum(np.searchsorted(self.axis, chunk.t), len(self.axis) - 1)
+        idx = self._ticks(chunk.t_ms)
         i0 = int(idx.min())
         rel = idx - i0
         span = int(rel.max()) + 1
@@ -157,15 +177,15 @@ class _Pass:
             if v is None:
                 continue
             sums = self.tick_sums.setdefault(name, np.zeros(len(self.axis)))
-            sums[i0 : i0 + span] += np.bincount(rel, np.nan_to_num(v), minlength=span)
+            sums[i0 : i0 + span] += np.bincount(rel, _filled(v), minlength=span)
         merging = chunk.values.get("ksm_merging_pages")
         if merging is not None:
-            b = idx // self.size
-            key = g * self.nb + b
-            present = np.unique(g)
-            flat = np.bincount(key, np.nan_to_num(merging), minlength=ng * self.nb)
+            key = g * self.nb + idx // self.size
+            present = np.flatnonzero(np.bincount(g, minlength=ng))
+            flat = np.bincount(key, _filled(merging), minlength=ng * self.nb)
             self.bucket_sum.add(present, flat.reshape(ng, self.nb)[present])
-            flat = np.bincount(key, ~np.isnan(merging), minlength=ng * self.nb)
+            has = None if merging.dtype.kind != "f" else ~np.isnan(merging)
+            flat = np.bincount(key, has, minlength=ng * self.nb)
             self.bucket_rows.add(present, flat.reshape(ng, self.nb)[present])
         self._pids(chunk, g, ng)
         self._plateau(chunk, g, ng)
@@ -176,17 +196,17 @@ class _Pass:
             return
         if len(self.last_t) < ng:
             grow = ng - len(self.last_t)
-            self.last_t = np.r_[self.last_t, np.full(grow, -np.inf)]
+            self.last_t = np.r_[self.last_t, np.full(grow, np.iinfo(np.int64).min)]
             self.last_pid = np.r_[self.last_pid, np.full(grow, np.nan)]
         # each guest's row with the latest t in this chunk (rows are in time order per guest)
         pos = np.full(ng, -1)
-        if chunk.by_guest:
+        if chunk.by_guest:  # the last row of each guest's run(s)
             ends = np.flatnonzero(np.r_[g[1:] != g[:-1], True])
-            pos[g[ends]] = ends
+            np.maximum.at(pos, g[ends], ends)
         else:
             np.maximum.at(pos, g, np.arange(len(g)))
         have = np.flatnonzero(pos >= 0)
-        t = chunk.t[pos[have]]
+        t = chunk.t_ms[pos[have]]
         newer = t >= self.last_t[have]
         self.last_t[have[newer]] = t[newer]
         self.last_pid[have[newer]] = pid[pos[have[newer]]]
@@ -194,11 +214,14 @@ class _Pass:
     def _plateau(self, chunk: Chunk, g: np.ndarray, ng: int) -> None:
         if self.start is None or self.end is None:
             return
-        inside = (chunk.t >= self.start) & (chunk.t < self.end)
+        inside = (chunk.t_ms >= self.start_ms) & (chunk.t_ms < self.end_ms)
         if not inside.any():
             return
-        gi = g[inside]
-        cols = {c: v[inside] for c, v in chunk.values.items() if c in MEDIAN_COLUMNS}
+        cols = {c: v for c, v in chunk.values.items() if c in MEDIAN_COLUMNS}
+        gi = g
+        if not inside.all():
+            gi = g[inside]
+            cols = {c: v[inside] for c, v in cols.items()}
         for name, v in cols.items():
             one = group_stats(gi, v, ng, chunk.by_guest)
             old = self.stats.get(name)
@@ -212,6 +235,11 @@ class _Pass:
                 self.kept = None  # too many: read them again instead
             else:
                 self.kept.append((gi, cols))
+
+
+def _filled(v: np.ndarray) -> np.ndarray:
+    """Values to add up: NaN (no value) as 0; integer columns as they are."""
+    return np.nan_to_num(v) if v.dtype.kind == "f" else v
 
 
 def _axis(record: Record, guests: GuestSamples) -> np.ndarray:
@@ -277,14 +305,18 @@ def _medians(
     stats = {k: _padded(s, ng) for k, s in first.stats.items()} if same else None
     kept = first.kept if same else None
 
-    def blocks() -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def blocks(columns: set[str] | None) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        names = MEDIAN_COLUMNS if columns is None else [c for c in MEDIAN_COLUMNS if c in columns]
         if kept is not None:
-            yield from kept
+            for codes, cols in kept:
+                yield codes, {c: cols[c] for c in names if c in cols}
             return
         # read again: the plateau's rows only (row groups wholly outside it are skipped)
-        for chunk in guests.chunks(MEDIAN_COLUMNS, lo, hi):
-            cols = {c: v for c, v in chunk.values.items() if c in MEDIAN_COLUMNS}
-            yield first.guests.codes(chunk), cols
+        for chunk in guests.chunks(names, lo, hi):
+            yield (
+                first.guests.codes(chunk),
+                {c: chunk.values[c] for c in names if c in chunk.values},
+            )
 
     return group_medians(blocks, ng, stats)
 

@@ -14,8 +14,9 @@ a week of 200 guests at 1 Hz is 121 million rows, about 6 GiB as text. So:
 In a part, t is kept as integer milliseconds (``t_ms``); within a row group the rows are
 sorted by guest, then time, so each guest's series is contiguous: time and the slowly moving
 counters then delta-encode to a few bits a value, the guest name is a dictionary code, and
-zstd compresses the rest (about 2 bytes a guest-sample on noisy synthetic guests, see
-bench/RESULTS.md). Readers get the same columns from either form: ``t`` in seconds.
+snappy compresses the rest (about 3 bytes a guest-sample on noisy synthetic guests, see
+bench/RESULTS.md; zstd would save a fifth of that but reads at half the speed). Readers get
+the same columns from either form: ``t`` in seconds.
 
 pyarrow is imported only when a part is written or read.
 """
@@ -245,7 +246,7 @@ def _arrow_table(
 def _parquet_options(table: Any) -> dict[str, Any]:
     ints = [n for n in table.column_names if n != "domain"]
     return {
-        "compression": "zstd",
+        "compression": "snappy",
         "use_dictionary": ["domain"],
         "column_encoding": dict.fromkeys(ints, "DELTA_BINARY_PACKED"),
     }
@@ -266,18 +267,24 @@ def write_parts(directory: Path, frames: Iterable[pd.DataFrame], columns: list[s
 # -- reading --------------------------------------------------------------------------------
 @dataclass
 class Chunk:
-    """A stretch of rows as arrays: ``t`` in seconds, guest ``codes`` into ``names``, and each
-    asked-for column as float (NaN where a row has no value). ``by_guest`` when the rows are
-    sorted by guest then time (Parquet row groups), else in tick order."""
+    """A stretch of rows as arrays: ``t_ms`` (integer milliseconds since the run started),
+    guest ``codes`` into ``names``, and each asked-for column (int64, or float with NaN where
+    some row has no value). ``by_guest`` when the rows are sorted by guest then time within
+    each row group (Parquet), else in tick order (CSV)."""
 
-    t: np.ndarray
+    t_ms: np.ndarray
     codes: np.ndarray
     names: list[str]
     values: dict[str, np.ndarray]
     by_guest: bool
 
+    @property
+    def t(self) -> np.ndarray:
+        """Seconds, as the CSV files and the host samples have them."""
+        return self.t_ms / 1000.0
+
     def __len__(self) -> int:
-        return len(self.t)
+        return len(self.t_ms)
 
 
 class GuestSamples:
@@ -394,9 +401,9 @@ def _csv_chunks(
             if not len(frame):
                 continue
             dom = frame["domain"]
-            values = {c: pd.to_numeric(frame[c], errors="coerce").to_numpy(float) for c in use[2:]}
+            values = {c: pd.to_numeric(frame[c], errors="coerce").to_numpy() for c in use[2:]}
             yield Chunk(
-                t,
+                np.rint(t * 1000).astype(np.int64),
                 dom.cat.codes.to_numpy(),
                 [str(n) for n in dom.cat.categories],
                 values,
@@ -409,6 +416,8 @@ def _csv_chunks(
 def _part_chunks(
     part: Path, wanted: list[str], start: float | None, end: float | None
 ) -> Iterator[Chunk]:
+    """A part as one chunk (an hour: 720,000 rows at 200 guests), only its row groups that
+    reach into [start, end]."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -421,27 +430,33 @@ def _part_chunks(
     t_index = names.index("t_ms")
     lo = None if start is None else int(np.floor(start * 1000))
     hi = None if end is None else int(np.ceil(end * 1000))
+    groups = []
     for i in range(pf.num_row_groups):
         stats = pf.metadata.row_group(i).column(t_index).statistics
         if stats is not None and stats.has_min_max:
             if (lo is not None and stats.max < lo) or (hi is not None and stats.min > hi):
                 continue
-        table = pf.read_row_group(i, columns=use)
-        t = table.column("t_ms").to_numpy() / 1000.0
-        dom = table.column("domain").combine_chunks()
-        codes = dom.indices.to_numpy(zero_copy_only=False)
-        values = {c: table.column(c).to_numpy().astype(float, copy=False) for c in use[2:]}
-        keep = None
-        if start is not None or end is not None:
-            keep = np.ones(len(t), bool)
-            if start is not None:
-                keep &= t >= start
-            if end is not None:
-                keep &= t <= end
-            if keep.all():
-                keep = None
-        if keep is not None:
-            t, codes = t[keep], codes[keep]
+        groups.append(i)
+    if not groups:
+        return
+    try:
+        table = pf.read_row_groups(groups, columns=use, use_threads=True)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{part}: unreadable per-guest samples: {e}") from None
+    t_ms = table.column("t_ms").to_numpy()
+    dom = table.column("domain").unify_dictionaries().combine_chunks()
+    codes = dom.indices.to_numpy(zero_copy_only=False)
+    # int64 where every row has a value, float with NaN where some have none
+    values = {c: table.column(c).to_numpy() for c in use[2:]}
+    del table
+    if lo is not None or hi is not None:
+        keep = np.ones(len(t_ms), bool)
+        if lo is not None:
+            keep &= t_ms >= lo
+        if hi is not None:
+            keep &= t_ms <= hi
+        if not keep.all():
+            t_ms, codes = t_ms[keep], codes[keep]
             values = {c: v[keep] for c, v in values.items()}
-        if len(t):
-            yield Chunk(t, codes, dom.dictionary.to_pylist(), values, True)
+    if len(t_ms):
+        yield Chunk(t_ms, codes, dom.dictionary.to_pylist(), values, True)

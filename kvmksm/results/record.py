@@ -299,8 +299,9 @@ def write_record(
         write_parts(directory, [vm_samples], list(vm_samples.columns))
     elif vm_samples is not None:  # frames one after another (a long generated record)
         frames = iter(vm_samples)
-        first = next(frames)
-        write_parts(directory, itertools.chain([first], frames), list(first.columns))
+        first = next(frames, None)
+        if first is not None:
+            write_parts(directory, itertools.chain([first], frames), list(first.columns))
     write_json(directory / RUN_JSON, meta)
     return directory
 
