@@ -59,20 +59,21 @@ class GuestSamplesWriter:
         self,
         directory: Path,
         columns: list[str],
-        switch_seconds: float = SWITCH_SECONDS,
-        switch_rows: int = SWITCH_ROWS,
-        part_seconds: float = PART_SECONDS,
-        group_rows: int = GROUP_ROWS,
+        switch_seconds: float | None = None,
+        switch_rows: int | None = None,
+        part_seconds: float | None = None,
+        group_rows: int | None = None,
     ) -> None:
         if columns[:2] != ["t", "domain"]:
             raise ValueError("per-guest rows start with t and domain")
         self.dir = Path(directory)
         self.columns = columns
         self.path = self.dir / VM_SAMPLES
-        self.switch_seconds = switch_seconds
-        self.switch_rows = switch_rows
-        self.part_seconds = part_seconds
-        self.group_rows = group_rows
+        # the module's figures unless given (read here, so tests can change them)
+        self.switch_seconds = SWITCH_SECONDS if switch_seconds is None else switch_seconds
+        self.switch_rows = SWITCH_ROWS if switch_rows is None else switch_rows
+        self.part_seconds = PART_SECONDS if part_seconds is None else part_seconds
+        self.group_rows = GROUP_ROWS if group_rows is None else group_rows
         self._csv: CsvAppender | None = CsvAppender(self.path, columns)
         self._parts: _Parts | None = None
         self.rows = 0
@@ -113,12 +114,14 @@ class GuestSamplesWriter:
         assert self._parts is not None
         hours = (t // self.part_seconds).astype(np.int64)
         for h in np.unique(hours):
-            piece = frame[hours == h]
-            values = [piece[c].to_numpy(float) for c in self.columns[2:]]
-            self._parts.add_arrays(
-                piece["t"].to_numpy(float), piece["domain"].to_numpy(object), values
-            )
-            self.rows += len(piece)
+            hour = frame[hours == h]
+            for at in range(0, len(hour), self.group_rows):  # row groups as a run makes them
+                piece = hour.iloc[at : at + self.group_rows]
+                values = [piece[c].to_numpy(float) for c in self.columns[2:]]
+                self._parts.add_arrays(
+                    piece["t"].to_numpy(float), piece["domain"].to_numpy(object), values
+                )
+                self.rows += len(piece)
 
     def _switch(self) -> None:
         if self._csv is not None:
