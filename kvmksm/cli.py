@@ -6,9 +6,12 @@ must), which keeps start-up short."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -200,12 +203,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_duration(sc, path, args.yes)
     out = Console(highlight=False)
     progress = TerminalProgress(Console(stderr=True, highlight=False))
+    # The analysis and the report need pandas and matplotlib (most of a second to import),
+    # the run itself neither: import them meanwhile, while the run waits on the kernel.
+    _preload("kvmksm.analysis.metrics", *(() if args.no_report else ("kvmksm.views.report",)))
     if sc.repeats > 1 or sc.matrix:  # an experiment: every point x repeats, one run each
         return _bench_experiment(sc, path, args, out, progress)
     result = bench(sc, args.output, scenario_file=path, connect=_connect(args), progress=progress)
     report = None if args.no_report else _write_report(result.record_dir, progress)
     bench_result(result, sc.name, out, report)
     return result.exit_code
+
+
+def _preload(*modules: str) -> None:
+    """Import modules in a background thread (a failure is left for the real import)."""
+
+    def load() -> None:
+        for name in modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+    threading.Thread(target=load, name="kvmksm-preload", daemon=True).start()
 
 
 def _write_report(run_dir: Path, progress: Any) -> Path | None:

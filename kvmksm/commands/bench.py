@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmksm.analysis.metrics import compute_metrics
 from kvmksm.errors import Interrupted, WorkloadFailed
 from kvmksm.host.facts import host_facts
 from kvmksm.host.fs import HostFS
@@ -147,6 +146,9 @@ def _store_metrics(record: RunRecord) -> None:
     """Derived metrics go into run.json too; they are a pure function of the record, so a
     failure here loses nothing (the report recomputes them)."""
     try:
+        # imported here: analysis needs pandas, which the run itself does not
+        from kvmksm.analysis.metrics import compute_metrics
+
         record.update(metrics=compute_metrics(load_record(record.dir)))
     except Exception as e:
         record.event(Kind.METRICS_ERROR, f"{type(e).__name__}: {e}")

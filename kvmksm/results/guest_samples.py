@@ -28,10 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from kvmksm.errors import UserError
 from kvmksm.results.files import CsvAppender, output_error
@@ -44,6 +41,10 @@ PART_SECONDS = 3600.0  # one Parquet part per hour after that
 GROUP_ROWS = 131_072  # rows buffered before a row group is written (about 9 MB in memory)
 CHUNK_ROWS = 1_000_000  # rows per chunk when reading a CSV file
 INT32_COLUMNS = ("pid",)
+
+if TYPE_CHECKING:  # numpy and pandas are imported where used: a short run needs neither
+    import numpy as np
+    import pandas as pd
 
 
 def part_name(index: int) -> str:
@@ -99,6 +100,8 @@ class GuestSamplesWriter:
     def write_frame(self, frame: pd.DataFrame) -> None:
         """Many ticks at once (generators, tests), laid out as tick-by-tick writes would be,
         but whole hours at a time."""
+        import numpy as np
+
         t = frame["t"].to_numpy(float)
         if self._csv is not None:
             room = max(0, self.switch_rows - self._csv.rows)
@@ -141,6 +144,7 @@ class _Parts:
     writing in one writer thread, at most one row group in flight (memory stays bounded)."""
 
     def __init__(self, folder: Path, columns: list[str], part_seconds: float, group_rows: int):
+
         self.folder = folder
         self.columns = columns
         self.part_seconds = part_seconds
@@ -158,6 +162,8 @@ class _Parts:
         self._closed = False
 
     def add(self, rows: Sequence[Sequence[Any]]) -> None:
+        import numpy as np
+
         cols = list(zip(*rows, strict=True))
         # float: None becomes NaN (a field this kernel lacks), written as null
         values = [np.array(c, dtype=float) for c in cols[2:]]
@@ -219,6 +225,7 @@ class _Parts:
 
 def _table(buf: list[list[np.ndarray]], columns: list[str]) -> Any:
     """Buffered ticks as one Arrow table, sorted by guest then time (see the module doc)."""
+    import numpy as np
     import pyarrow as pa
 
     cols = [np.concatenate([b[i] for b in buf]) for i in range(len(columns))]
@@ -228,6 +235,8 @@ def _table(buf: list[list[np.ndarray]], columns: list[str]) -> Any:
 def _arrow_table(
     columns: Sequence[str], t: np.ndarray, domain: np.ndarray, values: list[np.ndarray], pa: Any
 ) -> Any:
+    import numpy as np
+
     t_ms = np.rint(np.asarray(t, dtype=float) * 1000).astype(np.int64)
     names, codes = np.unique(np.asarray(domain, dtype=object).astype(str), return_inverse=True)
     order = np.lexsort((t_ms, codes))
@@ -309,6 +318,8 @@ class GuestSamples:
         return ([self.csv] if self.csv.is_file() else []) + self.parts
 
     def columns(self) -> list[str]:
+        import pandas as pd
+
         cols: list[str] = []
         if self.csv.is_file():
             head = pd.read_csv(self.csv, nrows=0)
@@ -322,6 +333,8 @@ class GuestSamples:
 
     def read(self) -> pd.DataFrame | None:
         """Every row as one frame, in tick order (t, then guests in the order written)."""
+        import pandas as pd
+
         frames = []
         if self.csv.is_file():
             frames.append(_read_csv(self.csv, {"domain": "category"}))
@@ -355,6 +368,8 @@ class GuestSamples:
 
 
 def _read_csv(path: Path, dtype: dict[str, str] | None = None) -> pd.DataFrame:
+    import pandas as pd
+
     empty = pd.DataFrame({"t": pd.Series(dtype=float)})
     try:
         frame = pd.read_csv(path, dtype=dtype)  # type: ignore[arg-type]
@@ -370,6 +385,8 @@ def _read_csv(path: Path, dtype: dict[str, str] | None = None) -> pd.DataFrame:
 def _read_parts(folder: Path) -> pd.DataFrame:
     """All parts of a folder: one pandas call (files starting with '.' are left out by
     pyarrow's dataset discovery, so a part still being written is never read)."""
+    import pandas as pd
+
     try:
         frame = pd.read_parquet(folder, engine="pyarrow")
     except (OSError, ValueError) as e:
@@ -383,6 +400,9 @@ def _read_parts(folder: Path) -> pd.DataFrame:
 def _csv_chunks(
     path: Path, wanted: list[str], start: float | None, end: float | None, rows: int
 ) -> Iterator[Chunk]:
+    import numpy as np
+    import pandas as pd
+
     try:
         header = list(pd.read_csv(path, nrows=0).columns)
     except pd.errors.EmptyDataError:
@@ -421,6 +441,7 @@ def _part_chunks(
 ) -> Iterator[Chunk]:
     """A part as one chunk (an hour: 720,000 rows at 200 guests), only its row groups that
     reach into [start, end]."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 

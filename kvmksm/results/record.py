@@ -28,9 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from kvmksm import __version__
 from kvmksm.errors import UserError
@@ -45,6 +43,9 @@ from kvmksm.results.guest_samples import (
     write_parts,
 )
 from kvmksm.results.meta import Check, Event, RunMeta, parse_meta
+
+if TYPE_CHECKING:  # pandas is imported where records are read: a run only writes
+    import pandas as pd
 
 FORMAT = 2
 RUN_JSON = "run.json"
@@ -295,6 +296,8 @@ def write_record(
     parse_meta(migrate(dict(meta), str(directory / RUN_JSON)), str(directory / RUN_JSON))
     directory.mkdir(parents=True, exist_ok=True)
     samples.to_csv(directory / SAMPLES, index=False)
+    import pandas as pd
+
     if isinstance(vm_samples, pd.DataFrame):
         write_parts(directory, [vm_samples], list(vm_samples.columns))
     elif vm_samples is not None:  # frames one after another (a long generated record)

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvmksm.commands.bench import BenchResult
-from kvmksm.commands.compare import Comparison
-from kvmksm.commands.plan import DensityPlan
 from kvmksm.views.fmt import NOTHING, fmt_expected, fmt_num, fmt_sig
+
+if TYPE_CHECKING:  # types only: compare and plan pull in scipy, which bench does not need
+    from kvmksm.commands.bench import BenchResult
+    from kvmksm.commands.compare import Comparison
+    from kvmksm.commands.plan import DensityPlan
 
 
 class TerminalProgress:
