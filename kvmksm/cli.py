@@ -59,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for run records (default: reports/)",
     )
     b.add_argument("--no-report", action="store_true", help="do not write report.html")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument(
+        "--clones",
+        type=_positive_int,
+        metavar="N",
+        help="run N clones instead of the scenario's (vms scenarios without a matrix; for a "
+        "plan's check run: kvmksm plan EXP --check RECORD)",
+    )
+    size.add_argument(
+        "--count",
+        type=_positive_int,
+        metavar="N",
+        help="run N processes instead of the scenario's, each filled with the one pattern "
+        "(processes scenarios without a matrix)",
+    )
     b.add_argument(
         "--yes",
         action="store_true",
@@ -134,10 +149,47 @@ def _duration(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage (5 or 5%), got {text!r}") from None
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a percentage of 0 or more, got {text!r}")
+    return value
+
+
+COMPARE_EXIT = """exit status:
+  0  nothing worse beyond noise by more than --fail-if-worse PCT (or no PCT given)
+  1  with --fail-if-worse PCT: some metric of some group is worse than group A beyond
+     noise (Welch's t-test at --alpha) by more than PCT percent of A's mean
+  2  bad input: nothing was compared
+  3  the comparison cannot tell: the records are NOT COMPARABLE (different workloads), or
+     a group has fewer than 3 repeats; said on stderr first (3 is given before 1)"""
+
+PLAN_EXIT = """exit status:
+  0  planned (with --check: whether or not the check run falls inside the intervals;
+     read 'inside' in the table or --json)
+  2  bad input, or nothing to project: records of a single guest count (their figures
+     are shown), a guest larger than the host, a --check record no plan applies to"""
+
+
 def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "compare",
         help="records or experiments side by side: metrics, differences beyond noise, curves",
+        epilog=COMPARE_EXIT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("paths", nargs="+", metavar="PATH", help="run record, experiment, or a folder")
     c.add_argument(
@@ -153,7 +205,19 @@ def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
         help="one group per PATH instead of grouping records by what they ran",
     )
     c.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    p = sub.add_parser("plan", help="how many guests fit, from a sweep of the guest count")
+    c.add_argument(
+        "--fail-if-worse",
+        type=_percent,
+        metavar="PCT",
+        help="exit 1 when any metric of any group is worse than group A beyond noise by more "
+        "than PCT percent (a gate for CI)",
+    )
+    p = sub.add_parser(
+        "plan",
+        help="how many guests fit, from a sweep of the guest count",
+        epilog=PLAN_EXIT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="experiment, run records, or a folder")
     p.add_argument(
         "--guest-memory", metavar="SIZE", help="memory per guest (default: the records')"
@@ -175,6 +239,15 @@ def _experiment_parsers(sub: argparse._SubParsersAction) -> None:
         help="HTML file (default: plan.html here, or inside the experiment)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--check",
+        action="append",
+        metavar="RECORD",
+        default=[],
+        help="a run the plan did not see (e.g. kvmksm bench SCENARIO --clones N, N past the "
+        "sweep): predicted against measured, and whether it falls inside the 95%% interval "
+        "(may be given more than once)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +273,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvmksm.views.terminal import TerminalProgress, bench_result
 
     sc, path = load_arg(args.scenario)
+    if args.clones is not None or args.count is not None:
+        from kvmksm.commands.overrides import override_count
+
+        sc = override_count(sc, path, args.clones, args.count)
     _check_duration(sc, path, args.yes)
     out = Console(highlight=False)
     progress = TerminalProgress(Console(stderr=True, highlight=False))
@@ -380,42 +457,67 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from kvmksm.commands.compare import collect, compare, default_output
+    from kvmksm.commands.compare_gate import judge
     from kvmksm.views.compare_page import compare_page
-    from kvmksm.views.terminal import comparison
+    from kvmksm.views.terminal import comparison, gate_result
 
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha: expected a significance level between 0 and 1, got {args.alpha}")
     cmp = compare(collect(args.paths), args.by_argument, args.alpha)
+    gate = judge(cmp, args.fail_if_worse)
+    err = Console(stderr=True, highlight=False)
+    for line in gate.cannot_tell:  # before anything else: the figures below cannot decide
+        err.print(f"kvmksm: {line}", markup=False, soft_wrap=True)
     html = compare_page(cmp, args.output or default_output(args.paths, "compare.html"))
     if args.json:
-        print(json.dumps(cmp.to_json() | {"html": str(html)}, indent=1, default=str))
+        doc = cmp.to_json() | {"gate": gate.to_json(), "html": str(html)}
+        print(json.dumps(doc, indent=1, default=str))
     else:
         out = Console(highlight=False)
-        comparison(cmp, out)
+        comparison(cmp, out, said=gate.cannot_tell)
+        gate_result(gate, out)
         out.print(f"report: {html}", soft_wrap=True, markup=False)
-    return 0
+    return gate.status
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from kvmksm.commands.compare import collect, default_output
     from kvmksm.commands.plan import parse_size_arg, plan, to_json
+    from kvmksm.commands.plan_check import check_plans
     from kvmksm.views.plan_page import plan_page
     from kvmksm.views.terminal import plans as show_plans
 
+    checks = collect(args.check) if args.check else []
+    seen = {r.record.dir.resolve() for r in checks}
     plans = plan(
-        collect(args.paths),
+        [r for r in collect(args.paths) if r.record.dir.resolve() not in seen],
         guest_memory=parse_size_arg(args.guest_memory, "--guest-memory"),
         host_memory=parse_size_arg(args.host_memory, "--host-memory"),
         headroom=args.headroom,
         overhead=parse_size_arg(args.overhead, "--overhead") or 0,
     )
-    html = plan_page(plans, args.output or default_output(args.paths, "plan.html"))
+    refused = [p.refused for p in plans if p.refused]
+    if args.check and not refused:
+        check_plans(plans, checks)
+    # A plan that refused to project writes no page: its reason is the answer.
+    html = (
+        None
+        if refused
+        else plan_page(plans, args.output or default_output(args.paths, "plan.html"))
+    )
     if args.json:
-        print(json.dumps(to_json(plans) | {"html": str(html)}, indent=1, default=str))
+        print(
+            json.dumps(
+                to_json(plans) | {"html": str(html) if html else None}, indent=1, default=str
+            )
+        )
     else:
         out = Console(highlight=False)
         show_plans(plans, out)
-        out.print(f"report: {html}", soft_wrap=True, markup=False)
+        if html:
+            out.print(f"report: {html}", soft_wrap=True, markup=False)
+    if refused:
+        raise UserError(refused[0])
     return 0
 
 

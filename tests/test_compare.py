@@ -139,6 +139,17 @@ def test_repeats_pooled_across_arguments_and_by_argument(tmp_path: Path) -> None
     assert [(g.label, len(g.runs)) for g in split.groups] == [("x", 2), ("y", 1)]
 
 
+def test_libvirt_counters_do_not_split_repeats(tmp_path: Path) -> None:
+    """libvirt's node-memory-tune view in the host facts holds KSM counters, different in
+    every run: records alike in all else are still repeats."""
+    for i, scans in enumerate((15503, 15871, 16002)):
+        d = vm_record(tmp_path / "x" / f"r{i}", shared_top=32000 + 100 * i)
+        edit(d, host__libvirt_node_memory={"shm_full_scans": scans, "shm_pages_to_scan": 1000})
+    cmp = compare.compare(compare.collect([tmp_path / "x"]))
+    assert [len(g.runs) for g in cmp.groups] == [3]
+    assert "host.libvirt_node_memory" not in cmp.groups[0].config
+
+
 def test_different_scenarios_warned(tmp_path: Path) -> None:
     vm_record(tmp_path / "vm")
     ltp_record(tmp_path / "ltp")

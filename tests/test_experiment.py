@@ -303,7 +303,7 @@ class ForeignKsmUsers:
         fs = HostFS("/")
         while not self._stop.is_set():
             for p in ksm_processes(fs):
-                pid = int(p.pid)  # type: ignore[call-overload]
+                pid = int(p["pid"])  # type: ignore[call-overload]
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:

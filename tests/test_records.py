@@ -24,7 +24,6 @@ from kvmksm.results.guest_samples import GuestSamples, GuestSamplesWriter
 from kvmksm.results.record import FORMAT, RunRecord, load_record, read_vm_samples
 from kvmksm.sampling import sampler as sampler_mod
 from kvmksm.sampling.sampler import Sampler
-from kvmksm.views.report import write_report
 
 from .recordgen import VmRun, vm_record
 
@@ -98,24 +97,23 @@ def test_at_most_ten_bytes_a_guest_sample(tmp_path):
     assert per_sample < (d / "vm_samples.csv").stat().st_size / rows / 5  # the first hour
 
 
-@pytest.mark.parametrize("name", ["format1-vms", "format1-ltp"])
-def test_format_1_records_report_the_same_figures(name, tmp_path):
-    """Records written by format 1 (vm_samples.csv alone) read through the migration and give
-    the figures the format-1 code computed (tests/fixtures/records/expected.json)."""
-    d = shutil.copytree(FIXTURES / name, tmp_path / name)
-    expected = json.loads((FIXTURES / "expected.json").read_text())[name]
+def test_format_1_per_guest_figures_are_what_format_1_computed(tmp_path):
+    """A format-1 VM record (vm_samples.csv alone; one guest late, one value missing) gives
+    the per-guest figures, the reconciliation and every metric that the format-1 code, which
+    pivoted the whole table, computed from it (tests/fixtures/format1-vms-expected.json,
+    written by commit d3fbc37). tests/test_record_formats.py covers the real old records."""
+    d = shutil.copytree(FIXTURES / "format1-vms", tmp_path / "format1-vms")
+    expected = json.loads((FIXTURES.parent / "format1-vms-expected.json").read_text())
     assert json.loads((d / "run.json").read_text())["format"] == 1 < FORMAT
     a = analyse(load_record(d))
     got = {k: m["value"] for k, m in a.metrics.items()}
-    assert got.keys() == expected["metrics"].keys()
+    assert expected["metrics"].keys() <= got.keys()
     for k, v in expected["metrics"].items():
         assert _same(got[k], v), (k, got[k], v)
-    if "vm_rows" in expected:
-        assert a.vm is not None
-        assert _same(a.vm.rows, expected["vm_rows"])
-        assert _same(a.vm.reconciliation, expected["reconciliation"])
-        assert _same(a.vm.coverage_pct, expected["coverage_pct"])
-    assert write_report(d).stat().st_size > 10_000
+    assert a.vm is not None
+    assert _same(a.vm.rows, expected["vm_rows"])
+    assert _same(a.vm.reconciliation, expected["reconciliation"])
+    assert _same(a.vm.coverage_pct, expected["coverage_pct"])
 
 
 def _same(a, b) -> bool:

@@ -1,5 +1,5 @@
-"""Statistics over repeats: mean and spread, Welch's t-test with an interval for a
-difference, and least-squares lines. Plain numbers in, plain numbers out."""
+"""Statistics over repeats: mean and spread, and Welch's t-test with an interval for a
+difference. Plain numbers in, plain numbers out. (Fits with prediction intervals: fit.py.)"""
 
 from __future__ import annotations
 
@@ -60,19 +60,3 @@ def difference(
     out["verdict"] = "beyond noise" if beyond else "within noise"
     out["why"] = f"Welch's t-test p={p:.3g} ({'<' if beyond else '>='} {alpha:g})"
     return out
-
-
-def fit_line(
-    x: Sequence[float], y: Sequence[float], through_origin: bool = False
-) -> tuple[float, float, float | None]:
-    """(slope, intercept, R²) by least squares; R² is None when y does not vary."""
-    xa, ya = np.asarray(x, float), np.asarray(y, float)
-    if through_origin:
-        slope, icpt = float((xa * ya).sum() / (xa * xa).sum()), 0.0
-    else:
-        slope, icpt = (float(v) for v in np.polyfit(xa, ya, 1))
-    resid = ya - (icpt + slope * xa)
-    sst = float(((ya - ya.mean()) ** 2).sum())
-    # Through the origin with one x, R² would only measure the spread of the repeats.
-    r2 = None if through_origin or sst == 0 else 1.0 - float((resid**2).sum()) / sst
-    return slope, icpt, r2

@@ -31,6 +31,15 @@ from kvmksm.results.collect import iter_records
 from kvmksm.results.events import Kind
 from kvmksm.results.experiment import is_experiment
 
+JSON_FORMAT = 1  # version of the document `kvmksm compare --json` prints
+# How each figure of a group is aggregated over its repeats. A per-run ratio is averaged as a
+# ratio (each run's own), unlike the Pareto front's ratio of the group's means.
+AGGREGATION = "mean ± sd over the repeats of each group"
+AGGREGATION_OF = {
+    "mib_per_cpu_s": "mean ± sd over the repeats of each run's own ratio (its saved MiB / "
+    "its ksmd CPU s): a mean of ratios",
+}
+
 
 def collect(paths: Sequence[str | Path]) -> list[Run]:
     """Every record under the arguments, analysed, with the argument it came from."""
@@ -54,6 +63,7 @@ class Comparison:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "format": JSON_FORMAT,
             "alpha": self.alpha,
             "min_repeats": MIN_REPEATS,
             "test": "Welch's t-test (two-sided) on the repeats of each group against group A",
@@ -180,7 +190,7 @@ def _metrics(groups: list[Group], alpha: float) -> list[dict[str, Any]]:
                 "label": meta["label"],
                 "unit": meta["unit"],
                 "definition": meta["definition"],
-                "aggregation": "mean ± sd over the repeats of each group",
+                "aggregation": AGGREGATION_OF.get(key, AGGREGATION),
                 "better": better,
                 "groups": per,
                 "vs_baseline": vs,

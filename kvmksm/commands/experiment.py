@@ -39,7 +39,7 @@ from kvmksm.workloads.base import Workload
 SUMMARY = (
     ("plateau_saved_mib", "saved MiB"),
     ("ksmd_cpu_to_plateau_s", "ksmd CPU s"),
-    ("mib_per_cpu_s", "MiB/CPU s"),
+    ("mib_per_cpu_s", "MiB/CPU s (mean of run ratios)"),
     ("time_to_90pct_s", "t90% s"),
 )
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from kvmksm.analysis.stats import MIN_REPEATS
-from kvmksm.commands.compare import Comparison, title
+from kvmksm.commands.compare import AGGREGATION, Comparison, title
 from kvmksm.views import charts
 from kvmksm.views.html import write_page
 
@@ -45,6 +45,7 @@ def compare_page(cmp: Comparison, path: Path) -> Path:
         base=cmp.base.id,
         pareto=cmp.pareto,
         alpha=cmp.alpha,
+        aggregation=AGGREGATION,
         min_repeats=MIN_REPEATS,
         overlay=charts.overlay_chart(cmp.groups),
         pareto_svg=charts.pareto_chart(cmp.pareto) if cmp.pareto else None,

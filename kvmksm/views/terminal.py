@@ -4,7 +4,7 @@ and clean, and the progress of long work (a spinner with its step, lines worth k
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -13,10 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvmksm.views.fmt import NOTHING, fmt_expected, fmt_num, fmt_sig
+from kvmksm.views.tables import print_table
 
-if TYPE_CHECKING:  # types only: compare and plan pull in scipy, which bench does not need
+if TYPE_CHECKING:  # types only: compare and plan pull in pandas and scipy, bench needs neither
     from kvmksm.commands.bench import BenchResult
     from kvmksm.commands.compare import Comparison
+    from kvmksm.commands.compare_gate import Gate
     from kvmksm.commands.plan import DensityPlan
 
 
@@ -103,8 +105,9 @@ HEADLINE = ("plateau_saved_mib", "time_to_90pct_s", "ksmd_cpu_to_plateau_s", "mi
 MARK = {"beyond noise": "", "within noise": " =", "same": " =", "too few repeats to tell": " ?"}
 
 
-def comparison(cmp: Comparison, console: Console) -> None:
-    """The groups, what differs, the metrics with verdicts, the Pareto front, the warnings."""
+def comparison(cmp: Comparison, console: Console, said: Sequence[str] = ()) -> None:
+    """The groups, what differs, the metrics with verdicts, the Pareto front, the warnings
+    (but those in `said`, already given on stderr)."""
     for g in cmp.groups:
         console.print(f"[bold]{g.id}[/] = {g.label} ({len(g.runs)} run(s))", soft_wrap=True)
     if len(cmp.groups) > WIDE:
@@ -112,14 +115,61 @@ def comparison(cmp: Comparison, console: Console) -> None:
     else:
         _comparison_narrow(cmp, console)
     if cmp.pareto:
-        front = [p for p in cmp.pareto["points"] if p["front"]]
+        _pareto(cmp.pareto, console)
+    for w in cmp.warnings:
+        if w not in said:
+            console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+
+
+def gate_result(gate: Gate, console: Console) -> None:
+    """What --fail-if-worse found (nothing when it was not asked for)."""
+    if gate.threshold_pct is None or gate.cannot_tell:
+        return
+    pct = fmt_num(gate.threshold_pct)
+    if not gate.worse:
+        console.print(f"fail-if-worse {pct}%: nothing worse beyond noise by more than {pct}%")
+        return
+    for w in gate.worse:
+        by = "" if w["diff_pct"] is None else f" by {abs(w['diff_pct']):.1f}%"
+        p = "" if w["p"] is None else f", p={w['p']:.2g}"
         console.print(
-            "Pareto front (most saved for the ksmd CPU spent): "
-            + "; ".join(f"{p['group']} ({p['label']})" for p in front),
+            f"[bold red]WORSE:[/] {w['label']}: {w['group']} is worse than {w['baseline']}{by} "
+            f"({w['better']} is better{p}), beyond noise and past {pct}%",
             soft_wrap=True,
         )
-    for w in cmp.warnings:
-        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+
+
+def _pareto(pareto: dict[str, Any], console: Console) -> None:
+    t = Table(
+        title="Cost against benefit (means over repeats; MiB per ksmd CPU s is a ratio of "
+        "those means); * on the Pareto front",
+        title_justify="left",
+    )
+    for col in ("group", "setting"):
+        t.add_column(col)
+    t.add_column("ksmd CPU s", justify="right")
+    t.add_column("saved MiB", justify="right")
+    t.add_column(pareto["mib_per_cpu_s_label"], justify="right")
+    t.add_column("front", justify="center")
+    for p in pareto["points"]:
+        t.add_row(
+            p["group"],
+            p["label"],
+            fmt_num(p["x"]),
+            fmt_num(p["y"]),
+            fmt_num(p["mib_per_cpu_s"]),
+            "*" if p["front"] else "",
+        )
+    print_table(console, t)
+
+
+def _metric_name(m: dict[str, Any]) -> str:
+    from kvmksm.commands.compare import AGGREGATION  # here: compare is not on bench's path
+
+    name = f"{m['label']} ({m['unit']})" if m["unit"] else m["label"]
+    if m.get("aggregation", AGGREGATION) != AGGREGATION:
+        name += ", mean of per-run ratios"
+    return name
 
 
 def _comparison_narrow(cmp: Comparison, console: Console) -> None:
@@ -130,7 +180,7 @@ def _comparison_narrow(cmp: Comparison, console: Console) -> None:
             t.add_column(g.id)
         for d in cmp.differences:
             t.add_row(d["field"], *(_short(d["values"][g.id]) for g in cmp.groups))
-        console.print(t)
+        print_table(console, t)
     base = cmp.groups[0].id
     t = Table(
         title=f"Metrics (mean ± sd over repeats; each group against {base})", title_justify="left"
@@ -141,14 +191,14 @@ def _comparison_narrow(cmp: Comparison, console: Console) -> None:
     for g in cmp.groups[1:]:
         t.add_column(f"{g.id} - {base}", justify="right")
     for m in cmp.metrics:
-        row = [f"{m['label']} ({m['unit']})" if m["unit"] else m["label"]]
+        row = [_metric_name(m)]
         for g in cmp.groups:
             s = m["groups"][g.id]
             row.append(f"{_mean_text(s)} (n={s['n']})")
         for g in cmp.groups[1:]:
             row.append(_diff_text(m["vs_baseline"][g.id]))
         t.add_row(*row)
-    console.print(t)
+    print_table(console, t)
 
 
 def _comparison_wide(cmp: Comparison, console: Console) -> None:
@@ -165,7 +215,7 @@ def _comparison_wide(cmp: Comparison, console: Console) -> None:
     t.add_column("group")
     t.add_column("n", justify="right")
     for m in metrics:
-        t.add_column(f"{m['label']} ({m['unit']})", justify="right")
+        t.add_column(_metric_name(m), justify="right")
     for g in cmp.groups:
         row = [g.id, str(len(g.runs))]
         for m in metrics:
@@ -177,7 +227,7 @@ def _comparison_wide(cmp: Comparison, console: Console) -> None:
                     text += " +" if d["better"] else " -"
             row.append(text)
         t.add_row(*row)
-    console.print(t)
+    print_table(console, t)
 
 
 def _mean_text(s: dict[str, Any]) -> str:
@@ -208,60 +258,125 @@ def _short(text: str, width: int = 40) -> str:
 
 # -- plan ------------------------------------------------------------------------------------
 def plans(plans: list[DensityPlan], console: Console) -> None:
-    """Per configuration: the measured points, the fit, the projection and the notes."""
+    """Per configuration: the measured points, the fit, the projection with its 95% intervals,
+    the check runs and the notes. A refused plan shows what was measured (the reason is the
+    command's one-line error)."""
     for p in plans:
-        d, f, i = p.data, p.data["fit"], p.data["inputs"]
-        noun = d["noun"]
-        t = Table(title=f"Measured ({d['config']})", title_justify="left")
-        for col in ("N", "runs", "saved MiB", "saved %", "fit MiB", "ksmd CPU %", "ksmd CPU s"):
-            t.add_column(col, justify="right")
-        for row in d["measured"]:
-            saved = fmt_num(row["saved_mib"])
-            if row["saved_sd"] is not None:
-                saved += f" ± {fmt_num(row['saved_sd'])}"
-            t.add_row(
-                str(row["n"]),
-                str(row["runs"]),
-                saved,
-                fmt_num(row["saved_pct"]),
-                fmt_num(row["fit_mib"]),
-                fmt_num(row["cpu_pct"]),
-                fmt_num(row["cpu_s"]),
-            )
-        console.print(t)
-        r2 = "R² n/a" if f["r2"] is None else f"R² = {f['r2']:.4f}"
+        d = p.data
+        print_table(console, _measured(d))
+        if p.refused:
+            continue
+        f, i = d["fit"], d["inputs"]
+        r2 = f"R² = {f['r2']:.4f}" if f["r2"] is not None else "R² not given"
         console.print(
             f"fit: saved(N) = {fmt_sig(f['b_mib'])} + {fmt_sig(f['a_mib'])} x (N-1) MiB for "
-            f"{fmt_num(i['guest_memory_mib'])} MiB {noun}; each added one saves "
-            f"{fmt_num(f['a_pct'])}% of its memory ({r2}, {f['points']} runs)",
+            f"{fmt_num(i['guest_memory_mib'])} MiB {d['noun']}; each added one saves "
+            f"{fmt_sig(f['a_pct'])}% of its memory ({r2}, {f['points']} runs)",
             soft_wrap=True,
         )
-        w, k = d["without_ksm"], d["with_ksm"]
-        t = Table(title="Projection", title_justify="left", show_header=False)
-        t.add_column("what")
-        t.add_column("value", justify="right")
-        t.add_row("host memory", f"{fmt_num(i['host_memory_mib'] / 1024)} GiB")
-        t.add_row(f"headroom ({i['headroom']})", f"{fmt_num(i['headroom_mib'] / 1024)} GiB")
-        t.add_row(
-            f"memory per {noun[:-1] if noun == 'guests' else 'process'}",
-            f"{fmt_num(i['guest_memory_mib'])} MiB + {fmt_num(i['overhead_mib'])} MiB overhead",
-        )
-        t.add_row(f"max {noun} without KSM", str(w["max"]))
-        t.add_row(
-            f"max {noun} with KSM", "unbounded by memory" if k["max"] is None else str(k["max"])
-        )
-        if d["gain"] is not None:
-            t.add_row("gain", f"+{d['gain']} ({fmt_num(d['gain_pct'])}%)")
-        if k["saved_mib"] is not None:
-            t.add_row("saved at that density", f"{fmt_num(k['saved_mib'] / 1024)} GiB")
-        if k["ksmd_cpu_pct"] is not None:
-            t.add_row("ksmd CPU at that density", f"{fmt_num(k['ksmd_cpu_pct'])}% of one CPU")
-        if k["ksmd_cpu_s"] is not None:
-            t.add_row("ksmd CPU to reach the savings", f"{fmt_num(k['ksmd_cpu_s'])} CPU s")
-        console.print(t)
+        iv = d["interval"]
+        if iv["level"] is not None:
+            console.print(
+                f"intervals: {iv['level'] * 100:.0f}% prediction intervals, {iv['method']}",
+                soft_wrap=True,
+                markup=False,
+            )
+        print_table(console, _projection(d))
         console.print(d["extrapolation"]["statement"], soft_wrap=True)
+        for c in d["checks"]:
+            print_table(console, _check(c))
+            for n in c["notes"]:
+                console.print(f"[yellow]note:[/] {n}", soft_wrap=True)
         for n in d["notes"]:
             console.print(f"[yellow]note:[/] {n}", soft_wrap=True)
+
+
+def _range(iv: list[float | None] | None, scale: float = 1.0, unit: str = "") -> str:
+    """' (95% PI 12 – 15 unit)' for an interval; '' without one."""
+    if iv is None:
+        return ""
+    lo, hi = iv
+    lo_t = fmt_num(lo / scale) if lo is not None else "?"
+    hi_t = fmt_num(hi / scale) if hi is not None else "unbounded"
+    return f" (95% PI {lo_t} – {hi_t}{' ' + unit if unit else ''})"
+
+
+def _measured(d: dict[str, Any]) -> Table:
+    t = Table(title=f"Measured ({d['config']})", title_justify="left")
+    cols = ["N", "runs", "saved MiB", "saved %"]
+    if not d["refused"]:
+        cols += ["fit MiB", "95% PI MiB"]
+    for col in (*cols, "ksmd CPU %", "ksmd CPU s"):
+        t.add_column(col, justify="right")
+    for row in d["measured"]:
+        saved = fmt_num(row["saved_mib"])
+        if row["saved_sd"] is not None:
+            saved += f" ± {fmt_num(row['saved_sd'])}"
+        cells = [str(row["n"]), str(row["runs"]), saved, fmt_num(row["saved_pct"])]
+        if not d["refused"]:
+            iv = row["fit_interval_mib"]
+            cells += [
+                fmt_num(row["fit_mib"]),
+                f"{fmt_num(iv[0])} – {fmt_num(iv[1])}" if iv else NOTHING,
+            ]
+        t.add_row(*cells, fmt_num(row["cpu_pct"]), fmt_num(row["cpu_s"]))
+    return t
+
+
+def _projection(d: dict[str, Any]) -> Table:
+    i, w, k, noun = d["inputs"], d["without_ksm"], d["with_ksm"], d["noun"]
+    t = Table(title="Projection", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("host memory", f"{fmt_num(i['host_memory_mib'] / 1024)} GiB")
+    t.add_row(f"headroom ({i['headroom']})", f"{fmt_num(i['headroom_mib'] / 1024)} GiB")
+    t.add_row(
+        f"memory per {noun[:-1] if noun == 'guests' else 'process'}",
+        f"{fmt_num(i['guest_memory_mib'])} MiB + {fmt_num(i['overhead_mib'])} MiB overhead",
+    )
+    t.add_row(f"max {noun} without KSM", str(w["max"]))
+    most = "unbounded by memory" if k["max"] is None else fmt_num(k["max"])
+    t.add_row(f"max {noun} with KSM", most + _range(k["max_interval"]))
+    if d["gain"] is not None:
+        t.add_row("gain", f"+{fmt_num(d['gain'])} ({fmt_num(d['gain_pct'])}%)")
+    if k["saved_mib"] is not None:
+        t.add_row(
+            "saved at that density",
+            f"{fmt_num(k['saved_mib'] / 1024)} GiB" + _range(k["saved_interval_mib"], 1024, "GiB"),
+        )
+    if k["ksmd_cpu_pct"] is not None:
+        t.add_row(
+            "ksmd CPU at that density",
+            f"{fmt_num(k['ksmd_cpu_pct'])}% of one CPU" + _range(k["ksmd_cpu_pct_interval"]),
+        )
+    if k["ksmd_cpu_s"] is not None:
+        t.add_row(
+            "ksmd CPU to reach the savings",
+            f"{fmt_num(k['ksmd_cpu_s'])} CPU s" + _range(k["ksmd_cpu_s_interval"]),
+        )
+    return t
+
+
+def _check(c: dict[str, Any]) -> Table:
+    t = Table(
+        title=f"Check: N = {c['n']} ({fmt_num(c['guest_mib'])} MiB each), {c['record']}",
+        title_justify="left",
+    )
+    for col in ("figure", "predicted", "95% PI", "measured", "error", "error %", "inside"):
+        t.add_column(col, justify="left" if col == "figure" else "right")
+    for f in c["figures"]:
+        iv = f["interval"]
+        inside = {True: "yes", False: "[bold red]NO[/]", None: NOTHING}[f["inside"]]
+        t.add_row(
+            f"{f['what']} ({f['unit']})",
+            fmt_num(f["predicted"]),
+            f"{fmt_num(iv[0])} – {fmt_num(iv[1])}" if iv else NOTHING,
+            fmt_num(f["measured"]),
+            NOTHING if f["error"] is None else f"{f['error']:+,.2f}",
+            NOTHING if f["error_pct"] is None else f"{f['error_pct']:+.1f}%",
+            inside,
+        )
+    return t
 
 
 # -- doctor and clean -----------------------------------------------------------------------
