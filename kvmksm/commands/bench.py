@@ -98,6 +98,7 @@ def _run_locked(
     with signals_raise():
         try:
             record.event(Kind.RUN_START, f"scenario {sc.name}")
+            workload.start_early(ctx)  # e.g. processes start while the knobs are set
             _note_other_users(ctx)
             if ksm.read("run") != 0:
                 ksm.write("run", 0)  # the workload decides when ksmd runs

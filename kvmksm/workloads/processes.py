@@ -73,7 +73,9 @@ class ProcessesRun(Workload):
                 self._verify(ctx, i)
 
     # -- children -------------------------------------------------------------------
-    def _start(self, ctx: RunContext) -> None:
+    def start_early(self, ctx: RunContext) -> None:
+        """Start the children (a Python process each: most of 0.1 s) while the run sets its
+        knobs and starts its sampler. They only map their memory until told to fill it."""
         spec = self.spec
         if spec.cgroup:
             name = f"kvmksm-{ctx.record.dir.name}"
@@ -92,6 +94,11 @@ class ProcessesRun(Workload):
                     bufsize=1,
                 )
             )
+
+    def _start(self, ctx: RunContext) -> None:
+        spec = self.spec
+        if not self.children:
+            self.start_early(ctx)
         for i in range(spec.count):
             pid = self._reply(i, "ready", timeout=60)
             if self.cgroup:
@@ -145,6 +152,7 @@ class ProcessesRun(Workload):
                 f"process {i} differs at {off}",
                 False,
             )
+            ctx.record.save()
             ctx.failed_checks += 1
             raise WorkloadFailed(
                 f"step {step_no}: process {i}'s memory changed at offset {off}: KSM must "
