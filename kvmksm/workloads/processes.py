@@ -67,9 +67,12 @@ class ProcessesRun(Workload):
                 label = f"step {i} stop"
                 ctx.ksm.write("run", 0)
                 ctx.record.event(Kind.STOP, "run=0", step=i)
+            verify = spec.verify and not isinstance(step, StopStep)
+            if verify:  # the children read their memory while the counters are judged
+                self._verify_start()
             ok = ctx.check(label, step.expect)
             ctx.record.event(Kind.ROUND_CHECKED, label + (" passed" if ok else " FAILED"), step=i)
-            if spec.verify and not isinstance(step, StopStep):
+            if verify:
                 self._verify(ctx, i)
 
     # -- children -------------------------------------------------------------------
@@ -139,9 +142,12 @@ class ProcessesRun(Workload):
             seconds = [self._reply(i, "filled") for i in range(len(self.children))]
         ctx.record.event(Kind.ROUND_FILLED, desc, step=step_no, seconds=round(max(seconds), 4))
 
-    def _verify(self, ctx: RunContext, step_no: int) -> None:
+    def _verify_start(self) -> None:
         for proc in self.children:
             self._tell(proc, "verify")
+
+    def _verify(self, ctx: RunContext, step_no: int) -> None:
+        """The children's answers to _verify_start (reading memory changes no counter)."""
         replies = [self._reply(i, "verified") for i in range(len(self.children))]
         bad = [(i, off) for i, (off, _) in enumerate(replies) if off is not None]
         if bad:
