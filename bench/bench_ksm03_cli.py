@@ -28,9 +28,11 @@ def kvmksm_cmd(tree: Path, out: Path) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "kvmksm", "bench", "ltp-ksm03", "-o", str(out)], env
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+def run(cmd: list[str], cwd: str, env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    # From a neutral folder: `python -m` puts the current folder first on sys.path, so from
+    # inside a tree every "other tree" would be this one.
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     return time.perf_counter() - t0, p.returncode, p.stdout + p.stderr
 
 
@@ -47,7 +49,7 @@ def last_run(out: Path) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--ltp", type=Path, help="LTP's ksm03 binary")
+    ap.add_argument("--ltp", type=Path, help="LTP's ksm03 binary (an absolute path)")
     ap.add_argument("--baseline", type=Path, help="another kvmksm tree to time alike")
     args = ap.parse_args()
     kinds: list[tuple[str, Path | None]] = [("kvmksm", ROOT)]
@@ -61,13 +63,13 @@ def main() -> int:
         for i in range(args.runs):
             for name, tree in kinds:
                 if tree is None:
-                    secs, code, text = run([str(args.ltp)])
+                    secs, code, text = run([str(args.ltp)], tmp)
                     ok = code == 0 and "TFAIL" not in text and "TBROK" not in text
                     extra = ""
                 else:
                     out = Path(tmp) / f"out{len(inner[name])}-{abs(hash(name))}"
                     cmd, env = kvmksm_cmd(tree, out)
-                    secs, code, text = run(cmd, env)
+                    secs, code, text = run(cmd, tmp, env)
                     ok = code == 0
                     r = last_run(out)
                     inner[name].append(r)
