@@ -1,16 +1,21 @@
-"""How long the HTML report takes for a big record, and how big it gets.
+"""How long the HTML report takes for big records, how much memory it needs, how big they get.
 
-    python3 bench/bench_report.py            # 24 h at 1 Hz, 100 guests (the issue's target)
-    python3 bench/bench_report.py --hours 1 --guests 10
+    python3 bench/bench_report.py                      # 1 day x 100 guests, 7 days x 200 guests
+    python3 bench/bench_report.py --sizes 1x10 --repeat 1
+    python3 bench/bench_report.py --sizes 168x200 --keep /var/tmp/week   # keep the record
 
-Builds a synthetic record (tests/recordgen.py: known curves with jitter) in a temporary folder,
-then times `kvmksm report RUN_DIR` in fresh processes: starting Python, reading the CSV files,
-the metrics, the charts and the HTML. Targets: under 10 s and under 5 MB.
+Builds each synthetic record (tests/recordgen.py: known curves, jitter on ksmd's CPU and on
+every guest's figures) in a temporary folder, laid out as a run writes it (vm_samples.csv for
+the first hour, hourly Parquet parts after), then times `kvmksm report RUN_DIR` and
+`kvmksm compare RUN_DIR` in fresh processes and takes each one's peak memory (ru_maxrss from
+wait4). Targets: report and compare under 60 s and under 2 GB at 7 days x 200 guests; at most
+about 10 bytes a guest-sample on disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -21,38 +26,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvmksm.analysis.metrics import analyse  # noqa: E402
-from kvmksm.results.record import load_record  # noqa: E402
-from kvmksm.views.report import render_report  # noqa: E402
 from tests.recordgen import VmRun, vm_record  # noqa: E402
 
 
-def _parts(run_dir: Path) -> dict[str, float]:
-    """Where the time goes: reading the record, the metrics, charts and HTML."""
-    out = {}
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak resident MiB) of one fresh process."""
     t0 = time.perf_counter()
-    record = load_record(run_dir)
-    out["load_record"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    analyse(record)
-    out["metrics"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    render_report(record)
-    out["metrics again + charts + HTML"] = time.perf_counter() - t0
-    return out
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited with {proc.returncode}")
+    return seconds, usage.ru_maxrss / 1024  # kB on Linux
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hours", type=float, default=24.0)
-    ap.add_argument("--guests", type=int, default=100)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--keep", type=Path, help="build the record here and keep it")
-    args = ap.parse_args()
-
-    duration = args.hours * 3600 - 1  # samples at t = 0 .. duration: hours x 3600 rows
+def build(run_dir: Path, hours: float, guests: int) -> VmRun:
+    duration = hours * 3600 - 1  # samples at t = 0 .. duration: hours x 3600 rows
     run = VmRun(
-        guests=args.guests,
+        guests=guests,
         guest_mib=1024,
         duration=duration,
         t_on=600.0,
@@ -62,32 +54,69 @@ def main() -> int:
         shared_top=100_000,
         noise=0.05,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = args.keep or Path(tmp) / "run"
+    vm_record(run_dir, run)
+    return run
+
+
+def sizes(run_dir: Path) -> dict[str, int]:
+    out = {p.name: p.stat().st_size for p in run_dir.iterdir() if p.is_file()}
+    parts = sorted((run_dir / "vm_samples").glob("part-*.parquet"))
+    out["parts"] = sum(p.stat().st_size for p in parts)
+    out["part_files"] = len(parts)
+    return out
+
+
+def one(hours: float, guests: int, repeat: int, keep: Path | None) -> None:
+    with tempfile.TemporaryDirectory(dir=keep.parent if keep else None) as tmp:
+        run_dir = keep or Path(tmp) / "run"
         t0 = time.perf_counter()
-        vm_record(run_dir, run)
+        run = build(run_dir, hours, guests)
         built = time.perf_counter() - t0
-        sizes = {p.name: p.stat().st_size for p in run_dir.iterdir()}
+        s = sizes(run_dir)
+        rows = len(run.times()) * guests
+        csv_rows = min(3600, len(run.times())) * guests
+        vm_bytes = s.get("vm_samples.csv", 0) + s["parts"]
         print(
-            f"record: {args.hours:g} h at 1 Hz, {args.guests} guests: "
-            f"samples.csv {sizes['samples.csv'] / 2**20:.1f} MiB, "
-            f"vm_samples.csv {sizes.get('vm_samples.csv', 0) / 2**20:.1f} MiB "
-            f"(built in {built:.1f} s)"
+            f"record: {hours:g} h at 1 Hz, {guests} guests, {rows:,} guest-samples "
+            f"(built in {built:.0f} s): samples.csv {s['samples.csv'] / 2**20:.1f} MiB, "
+            f"vm_samples.csv (first hour) {s.get('vm_samples.csv', 0) / 2**20:.1f} MiB, "
+            f"{s['part_files']} Parquet parts {s['parts'] / 2**20:.1f} MiB"
         )
-        times = []
-        for _ in range(args.repeat):  # a fresh process each time, as a user runs it
-            t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "kvmksm", "report", str(run_dir)]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
-            times.append(time.perf_counter() - t0)
+        per_part = s["parts"] / (rows - csv_rows) if rows > csv_rows else float("nan")
+        print(
+            f"  bytes per guest-sample: {vm_bytes / rows:.2f} over the whole record, "
+            f"{per_part:.2f} in the Parquet parts"
+        )
+        py = [sys.executable, "-m", "kvmksm"]
+        for name, cmd in (
+            ("report", [*py, "report", str(run_dir)]),
+            ("compare", [*py, "compare", str(run_dir), "-o", str(Path(tmp) / "compare.html")]),
+        ):
+            got = [timed(cmd) for _ in range(repeat)]
+            secs = [g[0] for g in got]
+            peak = max(g[1] for g in got)
+            print(
+                f"  kvmksm {name}: median {statistics.median(secs):.1f} s, "
+                f"max {max(secs):.1f} s over {len(secs)} fresh processes; "
+                f"peak memory {peak:,.0f} MiB"
+            )
         size = (run_dir / "report.html").stat().st_size
-        parts = _parts(run_dir)
-    print(
-        f"kvmksm report RUN_DIR: median {statistics.median(times):.2f} s, "
-        f"max {max(times):.2f} s over {len(times)} fresh processes (target < 10 s)"
+        print(f"  report.html: {size:,} bytes = {size / 1e6:.2f} MB")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--sizes",
+        default="24x100,168x200",
+        help="records to build, HOURSxGUESTS, comma separated (default 24x100,168x200)",
     )
-    print("in one process: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
-    print(f"report.html: {size:,} bytes = {size / 1e6:.2f} MB (target < 5 MB)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--keep", type=Path, help="build the (single) record here and keep it")
+    args = ap.parse_args()
+    for spec in args.sizes.split(","):
+        hours, guests = spec.split("x")
+        one(float(hours), int(guests), args.repeat, args.keep)
     return 0
 
 

@@ -1,5 +1,5 @@
-from kvmksm.cli import main
+from kvmksm.cli import run
 
 # Guarded: multiprocessing's spawn re-imports the main module in its children.
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmksm.analysis.metrics import compute_metrics
 from kvmksm.errors import Interrupted, UserError, WorkloadFailed
 from kvmksm.host.facts import host_facts
 from kvmksm.host.fs import HostFS
@@ -114,6 +113,7 @@ def _run_locked(
     with signals_raise():
         try:
             record.event(Kind.RUN_START, f"scenario {sc.name}")
+            workload.start_early(ctx)  # e.g. processes start while the knobs are set
             _note_other_users(ctx)
             if ksm.read("run") != 0:
                 ksm.write("run", 0)  # the workload decides when ksmd runs
@@ -169,6 +169,9 @@ def _store_metrics(record: RunRecord) -> None:
     """Derived metrics go into run.json too; they are a pure function of the record, so a
     failure here loses nothing (the report recomputes them)."""
     try:
+        # imported here: analysis needs pandas, which the run itself does not
+        from kvmksm.analysis.metrics import compute_metrics
+
         record.update(metrics=compute_metrics(load_record(record.dir)))
     except Exception as e:
         record.event(Kind.METRICS_ERROR, f"{type(e).__name__}: {e}")

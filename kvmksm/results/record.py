@@ -1,11 +1,17 @@
 """The run record: one directory per run, written as the run goes, read back by analysis.
 
-Layout (format 1):
+Layout (format 2):
   run.json        metadata, scenario as run, host facts, knobs, events, checks, metrics
   samples.csv     one row per tick: t, time, every KSM counter (sysfs names), ksmd_cpu,
                   host memory (kB, /proc/meminfo names), cow_ksm (/proc/vmstat)
-  vm_samples.csv  VM runs: one row per guest per tick: t, domain, pid, ksm_stat fields, rss_kb
+  vm_samples.csv  VM runs and watch: one row per guest per tick: t, domain, pid, ksm_stat
+                  fields, rss_kb; for the first hour of a run (kvmksm.results.guest_samples)
+  vm_samples/     the same rows after that, one Parquet part per hour (part-0001.parquet ...)
   report.html     written from the above
+
+Format 1 had vm_samples.csv alone, whatever the run's length; it reads as format 2 does.
+samples.csv stays CSV however long the run: one row a second is 15 MiB a day, read whole in
+about a second, and each row is on disk as soon as it is taken (`tail -f` works on it).
 
 This module is the only one that knows these names and the format number: RunRecord writes a
 record, load_record reads one (migrating older formats first), write_record lays out a whole
@@ -14,29 +20,38 @@ record at once (tests, generators), annotate adds fields to a finished one.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from kvmksm import __version__
 from kvmksm.errors import UserError
 from kvmksm.results.events import Kind
 from kvmksm.results.files import CsvAppender, OutputError, output_error, read_json, write_json
+from kvmksm.results.guest_samples import (
+    PARTS_DIR,
+    VM_SAMPLES,
+    GuestSamples,
+    GuestSamplesWriter,
+    _read_csv,
+    write_parts,
+)
 from kvmksm.results.meta import Check, Event, RunMeta, parse_meta
 
-FORMAT = 1
+if TYPE_CHECKING:  # pandas is imported where records are read: a run only writes
+    import pandas as pd
+
+FORMAT = 2
 RUN_JSON = "run.json"
 SAMPLES = "samples.csv"
-VM_SAMPLES = "vm_samples.csv"
 REPORT = "report.html"
 # Room kept aside in a run folder while the run is written, freed when a write fails (a full
 # disk), so run.json can still say how the run ended and why.
@@ -44,9 +59,20 @@ RESERVE = ".reserve"
 RESERVE_BYTES = 1 << 20
 CONSOLES = "consoles"  # guests' serial console logs, copied before teardown deletes them
 
+
 # Upgrades of older run.json documents: MIGRATIONS[n] turns format n into format n + 1.
 # Every format ever written stays readable; tests/fixtures/records holds one of each.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+def _from_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 kept every per-guest row in vm_samples.csv; format 2 adds the hourly parts
+    (vm_samples/) of long runs. The reader looks for both, so a format-1 record reads as it
+    is: its files list gains the folder name only when it has per-guest rows at all."""
+    files = dict(data.get("files") or {})
+    files.setdefault("samples", SAMPLES)
+    data["files"] = files
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _from_1}
 
 
 def utc_now() -> str:
@@ -91,7 +117,7 @@ class RunRecord:
         # Called after an event is logged, with its kind (a run pokes its sampler here).
         self.on_event: Callable[[str], None] | None = None
         self.on_write_error: Callable[[str], None] | None = None
-        self._appenders: list[CsvAppender] = []
+        self._appenders: list[CsvAppender | GuestSamplesWriter] = []
         self._lock = threading.RLock()  # a failed save records an event, under the same lock
 
     @classmethod
@@ -173,10 +199,11 @@ class RunRecord:
         return ev
 
     def check(self, name: str, expected: Any, observed: Any, passed: bool, **extra: Any) -> None:
+        """Kept in memory until save() or the next event or update: a step's checks come in
+        a burst, and one rewrite of run.json for all of them saves a few ms each."""
         entry = {"name": name, "expected": expected, "observed": observed, "passed": passed}
         with self._lock:
             self.data["checks"].append(entry | {"t": self.now(), **extra})
-            self._save_locked()
 
     def update(self, **fields: Any) -> None:
         with self._lock:
@@ -193,11 +220,19 @@ class RunRecord:
         except OutputError as e:
             self._failed(str(e))
 
-    def csv(self, name: str, columns: list[str]) -> CsvAppender:
+    def csv(self, name: str, columns: list[str]) -> CsvAppender | GuestSamplesWriter:
+        """The appender of one samples file; per-guest rows get the writer that moves to
+        hourly Parquet parts when the run grows long."""
         with self._lock:
             self.data["files"][name.removesuffix(".csv")] = name
+            if name == VM_SAMPLES:
+                self.data["files"]["vm_parts"] = f"{PARTS_DIR}/"
+        appender: CsvAppender | GuestSamplesWriter
         try:
-            appender = CsvAppender(self.dir / name, columns, on_error=self._failed)
+            if name == VM_SAMPLES:
+                appender = GuestSamplesWriter(self.dir, columns, on_error=self._failed)
+            else:
+                appender = CsvAppender(self.dir / name, columns, on_error=self._failed)
         except OutputError as e:
             self._failed(str(e))
             raise
@@ -227,12 +262,23 @@ def new_dir(parent: Path, suffix: str) -> Path:
 # -- reading --------------------------------------------------------------------------
 @dataclass
 class Record:
-    """A run record read back: what analysis, reports, compare and plan take."""
+    """A run record read back: what analysis, reports, compare and plan take.
+
+    The per-guest rows are not read with the record: ``guests`` reads them in chunks
+    (kvmksm.analysis.per_guest aggregates while reading), ``vm_samples`` reads them whole
+    on first use (small records, tests)."""
 
     dir: Path
     meta: RunMeta
     samples: pd.DataFrame
-    vm_samples: pd.DataFrame | None
+    guests: GuestSamples | None = None
+    _vm: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def vm_samples(self) -> pd.DataFrame | None:
+        if self._vm is None and self.guests is not None:
+            self._vm = read_vm_samples(self.dir)
+        return self._vm
 
     @property
     def events(self) -> list[Event]:
@@ -272,22 +318,15 @@ def load_record(directory: str | Path) -> Record:
     d = Path(directory)
     meta = load_meta(d)
     samples = _read_csv(d / SAMPLES)
-    # Guest names repeat on every row: categories cut a day-long record's load time.
-    vm = _read_csv(d / VM_SAMPLES, {"domain": "category"}) if (d / VM_SAMPLES).exists() else None
-    return Record(d, meta, samples, vm)
+    guests = GuestSamples(d)
+    return Record(d, meta, samples, guests if guests.exists() else None)
 
 
-def _read_csv(path: Path, dtype: dict[str, str] | None = None) -> pd.DataFrame:
-    empty = pd.DataFrame({"t": pd.Series(dtype=float)})
-    try:
-        frame = pd.read_csv(path, dtype=dtype)  # type: ignore[arg-type]
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return empty
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: not a readable samples file: {e}") from None
-    if "t" not in frame.columns:
-        raise UserError(f"{path}: no 't' column: not a kvmksm samples file")
-    return frame
+def read_vm_samples(directory: str | Path) -> pd.DataFrame | None:
+    """Every per-guest row of a record as one frame (t in seconds, domain as a category),
+    from vm_samples.csv, the hourly parts, or both; None when it has none. Holds it all in
+    memory: for a long run, read in chunks through Record.guests instead."""
+    return GuestSamples(Path(directory)).read()
 
 
 # -- whole records and changes to finished ones -----------------------------------------
@@ -295,19 +334,30 @@ def write_record(
     directory: Path,
     meta: dict[str, Any],
     samples: pd.DataFrame,
-    vm_samples: pd.DataFrame | None = None,
+    vm_samples: pd.DataFrame | Iterable[pd.DataFrame] | None = None,
 ) -> Path:
     """Lay out a complete record at once (tests and generators); meta is validated first, so
-    a record that load_record could not read is never written."""
+    a record that load_record could not read is never written. Per-guest rows (a frame, or
+    frames in time order for a record too long to hold) are laid out as a run writes them:
+    CSV for the first hour, hourly Parquet parts after."""
     directory = Path(directory)
     meta = dict(meta, format=meta.get("format", FORMAT))
-    files = {"samples": SAMPLES} | ({"vm_samples": VM_SAMPLES} if vm_samples is not None else {})
+    files = {"samples": SAMPLES}
+    if vm_samples is not None:
+        files |= {"vm_samples": VM_SAMPLES, "vm_parts": f"{PARTS_DIR}/"}
     meta["files"] = files | dict(meta.get("files") or {})
     parse_meta(migrate(dict(meta), str(directory / RUN_JSON)), str(directory / RUN_JSON))
     directory.mkdir(parents=True, exist_ok=True)
     samples.to_csv(directory / SAMPLES, index=False)
-    if vm_samples is not None:
-        vm_samples.to_csv(directory / VM_SAMPLES, index=False)
+    import pandas as pd
+
+    if isinstance(vm_samples, pd.DataFrame):
+        write_parts(directory, [vm_samples], list(vm_samples.columns))
+    elif vm_samples is not None:  # frames one after another (a long generated record)
+        frames = iter(vm_samples)
+        first = next(frames, None)
+        if first is not None:
+            write_parts(directory, itertools.chain([first], frames), list(first.columns))
     write_json(directory / RUN_JSON, meta)
     return directory
 

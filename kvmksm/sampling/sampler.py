@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -28,6 +29,10 @@ MEMINFO_FIELDS = (
     "Shmem",
 )
 VMSTAT_FIELDS = ("cow_ksm", "ksm_swpin_copy")
+# What a sampler keeps about itself is bounded, so a watch left running for weeks holds the
+# same memory on its last day as on its first: the latest lateness figures, the first errors.
+LATENESS_KEPT = 86_400  # a day at 1 Hz
+ERRORS_KEPT = 100
 
 
 class Probe(Protocol):
@@ -136,10 +141,14 @@ class Sampler:
         self.out = record.csv("samples.csv", self.source.columns)
         self.probes = list(probes)
         self.probe_out = [record.csv(p.filename, p.columns) for p in self.probes]
-        self.lateness: list[float] = []  # seconds each tick ran after its deadline
+        # seconds each recent tick ran after its deadline (the latest LATENESS_KEPT)
+        self.lateness: deque[float] = deque(maxlen=LATENESS_KEPT)
+        self.late_max = 0.0  # over every tick
+        self.ticks = 0
         self.missed = 0
         self.realtime = False
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # the first ERRORS_KEPT; error_count counts them all
+        self.error_count = 0
         self.last: dict[str, Any] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by poke() and stop()
@@ -164,7 +173,7 @@ class Sampler:
             try:
                 out.write_sequences(probe.rows(t))
             except Exception as e:  # a guest vanishing must not stop host sampling
-                self.errors.append(f"{probe.filename}: {e}")
+                self._error(f"{probe.filename}: {e}")
         self.last = row
         return row
 
@@ -195,7 +204,12 @@ class Sampler:
         try:
             self.tick()
         except Exception as e:
-            self.errors.append(str(e))
+            self._error(str(e))
+
+    def _error(self, text: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < ERRORS_KEPT:
+            self.errors.append(text)
 
     def _loop(self) -> None:
         self.realtime = _realtime_thread()
@@ -206,7 +220,10 @@ class Sampler:
             delay = deadline - time.monotonic()
             if delay > 0 and self._wait(delay):
                 break
-            self.lateness.append(time.monotonic() - deadline)
+            late = time.monotonic() - deadline
+            self.lateness.append(late)
+            self.late_max = max(self.late_max, late)
+            self.ticks += 1
             self._safe_tick()
             # Next deadline still ahead of us; count the ones a stall skipped.
             nxt = int((time.monotonic() - start) / self.interval) + 1
@@ -227,7 +244,7 @@ class Sampler:
                 try:
                     self.tick()  # the state at the very end, e.g. after unmerge
                 except Exception as e:
-                    self.errors.append(str(e))
+                    self._error(str(e))
         self.out.close()
         for out in self.probe_out:
             out.close()

@@ -317,4 +317,7 @@ def _files(record: Record) -> list[dict[str, Any]]:
         path = record.dir / name
         if path.is_file():
             out.append({"name": name, "size": format_size(path.stat().st_size)})
+        elif path.is_dir() and any(path.iterdir()):  # a long run's hourly Parquet parts
+            size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+            out.append({"name": name, "size": format_size(size)})
     return out

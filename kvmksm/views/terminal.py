@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvmksm.commands.bench import BenchResult
-from kvmksm.commands.compare import AGGREGATION, Comparison
-from kvmksm.commands.compare_gate import Gate
-from kvmksm.commands.plan import DensityPlan
 from kvmksm.views.fmt import NOTHING, fmt_expected, fmt_num, fmt_sig
 from kvmksm.views.tables import print_table
+
+if TYPE_CHECKING:  # types only: compare and plan pull in pandas and scipy, bench needs neither
+    from kvmksm.commands.bench import BenchResult
+    from kvmksm.commands.compare import Comparison
+    from kvmksm.commands.compare_gate import Gate
+    from kvmksm.commands.plan import DensityPlan
 
 
 class TerminalProgress:
@@ -162,6 +164,8 @@ def _pareto(pareto: dict[str, Any], console: Console) -> None:
 
 
 def _metric_name(m: dict[str, Any]) -> str:
+    from kvmksm.commands.compare import AGGREGATION  # here: compare is not on bench's path
+
     name = f"{m['label']} ({m['unit']})" if m["unit"] else m["label"]
     if m.get("aggregation", AGGREGATION) != AGGREGATION:
         name += ", mean of per-run ratios"

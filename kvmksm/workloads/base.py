@@ -64,6 +64,7 @@ class RunContext:
             if not c["passed"]:
                 ok = False
                 self.failed_checks += 1
+        self.record.save()  # the step's checks in one rewrite of run.json
         return ok
 
     def phase(self, text: str) -> contextlib.AbstractContextManager[Callable[[str], None]]:
@@ -100,6 +101,11 @@ class Workload:
 
     def probes(self) -> list[Probe]:
         return []
+
+    def start_early(self, ctx: RunContext) -> None:
+        """Begin what takes a while and needs no knob set (processes: start the children),
+        so that it overlaps the rest of the run's setup; run() waits for it."""
+        return None
 
     def run(self, ctx: RunContext) -> None:
         raise NotImplementedError

@@ -68,13 +68,18 @@ class ProcessesRun(Workload):
                 label = f"step {i} stop"
                 ctx.ksm.write("run", 0)
                 ctx.record.event(Kind.STOP, "run=0", step=i)
+            verify = spec.verify and not isinstance(step, StopStep)
+            if verify:  # the children read their memory while the counters are judged
+                self._verify_start()
             ok = ctx.check(label, step.expect)
             ctx.record.event(Kind.ROUND_CHECKED, label + (" passed" if ok else " FAILED"), step=i)
-            if spec.verify and not isinstance(step, StopStep):
+            if verify:
                 self._verify(ctx, i)
 
     # -- children -------------------------------------------------------------------
-    def _start(self, ctx: RunContext) -> None:
+    def start_early(self, ctx: RunContext) -> None:
+        """Start the children (a Python process each: most of 0.1 s) while the run sets its
+        knobs and starts its sampler. They only map their memory until told to fill it."""
         spec = self.spec
         if spec.cgroup:
             name = f"kvmksm-{ctx.record.dir.name}"
@@ -93,6 +98,11 @@ class ProcessesRun(Workload):
                     bufsize=1,
                 )
             )
+
+    def _start(self, ctx: RunContext) -> None:
+        spec = self.spec
+        if not self.children:
+            self.start_early(ctx)
         for i in range(spec.count):
             pid = self._reply(i, "ready", timeout=60)
             if self.cgroup:
@@ -133,9 +143,12 @@ class ProcessesRun(Workload):
             seconds = [self._reply(i, "filled") for i in range(len(self.children))]
         ctx.record.event(Kind.ROUND_FILLED, desc, step=step_no, seconds=round(max(seconds), 4))
 
-    def _verify(self, ctx: RunContext, step_no: int) -> None:
+    def _verify_start(self) -> None:
         for proc in self.children:
             self._tell(proc, "verify")
+
+    def _verify(self, ctx: RunContext, step_no: int) -> None:
+        """The children's answers to _verify_start (reading memory changes no counter)."""
         replies = [self._reply(i, "verified") for i in range(len(self.children))]
         bad = [(i, off) for i, (off, _) in enumerate(replies) if off is not None]
         if bad:
@@ -146,6 +159,7 @@ class ProcessesRun(Workload):
                 f"process {i} differs at {off}",
                 False,
             )
+            ctx.record.save()
             ctx.failed_checks += 1
             raise WorkloadFailed(
                 f"step {step_no}: process {i}'s memory changed at offset {off}: KSM must "

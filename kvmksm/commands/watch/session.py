@@ -271,7 +271,7 @@ def _close(
             problems.append(f"sampler: {e}")
         if sampler.errors:
             record.event(
-                Kind.SAMPLER_ERRORS, "; ".join(sampler.errors[:5]), count=len(sampler.errors)
+                Kind.SAMPLER_ERRORS, "; ".join(sampler.errors[:5]), count=sampler.error_count
             )
     tracker.stop()
     lister.close()
