@@ -29,7 +29,7 @@ import libvirt
 
 from kvmksm.errors import UserError
 from kvmksm.host import paths
-from kvmksm.virt.cleanup import find_leftovers
+from kvmksm.virt.base_image import define_base, refuse_rebuild
 from kvmksm.virt.domains import base_tag_xml, lookup, read_tag
 
 IMAGE_VERSION = 1  # bump when the image's contents change in a way inputs do not show
@@ -288,14 +288,7 @@ def build_image(
     )
     built = False
     if stale:
-        if existing is not None and existing.isActive():
-            raise UserError(f"base domain {name!r} is running; shut it off before rebuilding")
-        clones = [d for d in find_leftovers(conn).domains if _clone_of(conn, d, name)]
-        if clones:
-            raise UserError(
-                f"{len(clones)} kvmksm clone(s) of {name} exist and use its image as backing "
-                "file; run 'kvmksm clean' first"
-            )
+        refuse_rebuild(conn, name, existing)
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="kvmksm-rootfs-", dir=directory) as tmp:
             root = Path(tmp) / "root"
@@ -326,29 +319,19 @@ def build_image(
         progress(f"image is up to date ({image})")
 
     # The domain is redefined when anything in its XML would change (inputs, settings, template).
-    draft = base_domain_xml(name, image, kcopy, icopy, memory, vcpus, domain_type, "")
-    build = fingerprint(extra=f"{fp}\n{draft}")
-    defined = False
-    if built or tag is None or tag.attrs.get("build") != build:
-        if existing is not None and existing.isActive():
-            raise UserError(f"base domain {name!r} is running; shut it off before redefining")
-        uuid = existing.UUIDString() if existing is not None else None  # redefine in place
-        xml = base_domain_xml(name, image, kcopy, icopy, memory, vcpus, domain_type, build, uuid)
-        try:
-            conn.defineXML(xml)
-        except libvirt.libvirtError as e:
-            raise UserError(f"cannot define base domain {name}: {e.get_error_message()}") from None
-        progress(f"defined shut-off base domain {name} ({conn.getURI()})")
-        defined = True
-    else:
-        progress(f"base domain {name} is up to date")
+    defined = define_base(
+        conn,
+        name,
+        existing,
+        tag,
+        lambda build, uuid: base_domain_xml(
+            name, image, kcopy, icopy, memory, vcpus, domain_type, build, uuid
+        ),
+        fp,
+        built,
+        progress,
+    )
     return TinyImage(name, image, kcopy, icopy, built, defined)
-
-
-def _clone_of(conn: libvirt.virConnect, domain: str, base: str) -> bool:
-    dom = lookup(conn, domain)
-    tag = read_tag(dom) if dom is not None else None
-    return bool(tag and tag.attrs.get("base") == base)
 
 
 def _read_json(path: Path) -> dict[str, object]:
