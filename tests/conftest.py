@@ -12,6 +12,8 @@ from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.host.paths import DEFAULT_DATA_DIR
+from kvmksm.virt import debian_image
+from kvmksm.virt.base_image import BuiltImage
 from kvmksm.virt.conn import open_connection
 from kvmksm.virt.tiny_image import TinyImage, build_image
 
@@ -66,6 +68,14 @@ def tiny(conn: libvirt.virConnect) -> TinyImage:
     """The tiny base, built once and kept (build_image does nothing when it is up to date).
     Always the host's own image directory: the base domain is shared with real runs."""
     return build_image(conn, directory=DEFAULT_DATA_DIR / "images", progress=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def debian(conn: libvirt.virConnect) -> BuiltImage:
+    """The Debian base kvmksm-debian, built once per machine (about a minute and a half:
+    Debian packages through the host's apt sources) and then found up to date. The host's own
+    image directory, like the tiny base: the base domain is shared with real runs."""
+    return debian_image.build_image(conn, directory=DEFAULT_DATA_DIR / "images")
 
 
 @pytest.fixture

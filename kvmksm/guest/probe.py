@@ -17,6 +17,7 @@ of the CPUs, is what KSM adds to a guest's latency.
 import argparse
 import gc
 import json
+import math
 import mmap
 import os
 import random
@@ -37,7 +38,8 @@ def percentile(ordered, q):
     """Nearest-rank percentile of a sorted list."""
     if not ordered:
         return None
-    k = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    rank = math.ceil(q * len(ordered) / 100.0 - 1e-9)  # 1-based; tolerant of 99.9 * 1000
+    k = max(0, min(len(ordered) - 1, rank - 1))
     return ordered[k]
 
 

@@ -188,7 +188,10 @@ def _rate(v: object) -> object:
     """'8MiB/s' (or a size: bytes per second)."""
     if isinstance(v, str) and v.strip().endswith("/s"):
         v = v.strip()[:-2]
-    return parse_size(v)
+    try:
+        return parse_size(v)
+    except ValueError:
+        raise ValueError(f"expected a rate such as 8MiB/s (or bytes a second), got {v!r}") from None
 
 
 Rate = Annotated[int, BeforeValidator(_rate)]

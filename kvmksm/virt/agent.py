@@ -94,7 +94,7 @@ class Agent:
                 self.dom, json.dumps(cmd), timeout or CALL_TIMEOUT, 0
             )
         except libvirt.libvirtError as e:
-            why = _one_line(e.get_error_message())
+            why = _one_line(e.get_error_message() or str(e))
             raise AgentError(f"guest {self.name}: {execute}: {why}") from None
         try:
             data = json.loads(reply or "{}")
