@@ -61,9 +61,7 @@ class FakeGuest:
         ex, args = cmd["execute"], cmd.get("arguments", {})
         self.calls.append(ex)
         if not self.up:
-            raise _error(
-                "Guest agent is not responding: QEMU guest agent is not connected"
-            )
+            raise _error("Guest agent is not responding: QEMU guest agent is not connected")
         if ex == "guest-ping":
             return {}
         if ex == "guest-exec":
