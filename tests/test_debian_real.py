@@ -181,9 +181,14 @@ def test_debian3_small(
     conn: libvirt.virConnect, debian: BuiltImage, real_ksm: Ksm, tmp_path: Path
 ) -> None:
     """debian3 as bundled, with 2 clones, pages_to_scan=1000, settle 2s, plateau 3s, steady
-    timeout 5m and no sharing step: booted by agent (boot time per guest in the record),
-    guest_run's output kept, KSM until steady, its checks pass, unmerged, nothing left."""
+    timeout 5m and no sharing step, and its expectation scaled to two guests: booted by agent
+    (boot time per guest in the record), guest_run's output kept, KSM until steady, its checks
+    pass, unmerged, nothing left."""
     data = _scenario("debian3")
+    # Each guest past the first shares about 21,000 pages with the others here (kernel,
+    # libraries, page cache); debian3 expects 30,000 of three, so (2 - 1) / (3 - 1) of it.
+    (key,) = data["workload"]["expect"]
+    data["workload"]["expect"] = {key: {"min": data["workload"]["expect"][key]["min"] // 2}}
     code, out, meta, run_json = _bench(tmp_path, data)
     assert code == 0, out
     assert meta["status"] == "passed"
