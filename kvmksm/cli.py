@@ -107,15 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _connect_arg(c)
 
-    im = sub.add_parser("image", help="the tiny self-contained base image")
+    im = sub.add_parser("image", help="kvmksm's own base images (tiny, Debian)")
     im_sub = im.add_subparsers(dest="image_command", metavar="ACTION")
     im_sub.required = True
     ib = im_sub.add_parser(
         "build",
-        help="build the tiny base image from the host's kernel and busybox and define "
-        "it as the shut-off base domain",
+        help="build a base image and define it as a shut-off base domain: tiny (from the "
+        "host's kernel and busybox) or debian (Debian 12 from Debian's packages)",
     )
-    ib.add_argument("--name", default="kvmksm-tiny", help="base domain name (default kvmksm-tiny)")
+    ib.add_argument(
+        "kind",
+        nargs="?",
+        choices=("tiny", "debian"),
+        default="tiny",
+        help="which image (default tiny)",
+    )
+    ib.add_argument(
+        "--name", help="base domain name (default kvmksm-tiny, or kvmksm-debian for debian)"
+    )
+    ib.add_argument(
+        "--kernel",
+        metavar="PACKAGE",
+        help="debian: the guest kernel package (default linux-image-amd64; one only "
+        "bookworm-backports has, e.g. linux-image-6.12.95+deb12-amd64, is found there)",
+    )
     ib.add_argument("--force", action="store_true", help="rebuild even if up to date")
     _connect_arg(ib)
 
@@ -442,7 +457,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from kvmksm.virt import libvirt_missing
 
+    if args.kernel and args.kind != "debian":
+        raise UserError("--kernel: only the debian image takes a kernel package")
     try:
+        from kvmksm.virt import debian_image
         from kvmksm.virt.conn import open_connection, resolve_uri
         from kvmksm.virt.tiny_image import build_image
     except ImportError as e:
@@ -451,15 +469,26 @@ def cmd_image(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     conn = open_connection(resolve_uri(args.connect))
     try:
-        img = build_image(
-            conn,
-            name=args.name,
-            force=args.force,
-            progress=lambda text: err.print(f"image: {text}", markup=False, soft_wrap=True),
-        )
+        if args.kind == "debian":
+            from kvmksm.views.terminal import TerminalProgress
+
+            img = debian_image.build_image(
+                conn,
+                name=args.name or debian_image.DEFAULT_NAME,
+                kernel=args.kernel or debian_image.DEFAULT_KERNEL,
+                force=args.force,
+                progress=TerminalProgress(err),
+            )
+        else:
+            img = build_image(
+                conn,
+                name=args.name or "kvmksm-tiny",
+                force=args.force,
+                progress=lambda text: err.print(f"image: {text}", markup=False, soft_wrap=True),
+            )
     finally:
         conn.close()
-    print(f"base domain {args.name}: {img}")
+    print(f"base domain {img}")
     return 0
 
 

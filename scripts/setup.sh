@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# mmdebstrap, dpkg-dev (its eatmydata hook), debian-archive-keyring and openssh-client
+# (ssh-keygen, ssh) build and reach the Debian guest image (kvmksm image build debian).
 PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
       qemu-utils libvirt-dev pkg-config linux-image-amd64 busybox-static e2fsprogs zstd cpio
-      chromium)
+      chromium mmdebstrap dpkg-dev debian-archive-keyring openssh-client)
 
 say() { printf '[setup] %s\n' "$*"; }
 

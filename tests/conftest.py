@@ -13,6 +13,8 @@ from kvmksm.errors import UserError
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
 from kvmksm.host.paths import DEFAULT_DATA_DIR
+from kvmksm.virt import debian_image
+from kvmksm.virt.base_image import BuiltImage
 from kvmksm.virt.conn import alive, open_connection
 from kvmksm.virt.tiny_image import DEFAULT_NAME, TinyImage, build_image
 
@@ -111,6 +113,14 @@ def tiny(_libvirt: _Libvirt, request: pytest.FixtureRequest) -> TinyImage:
         directory=request.config.getoption("--tiny-data-dir") / "images",
         progress=lambda s: None,
     )
+
+
+@pytest.fixture(scope="session")
+def debian(_libvirt: _Libvirt) -> BuiltImage:
+    """The Debian base kvmksm-debian, built once per machine (about a minute and a half:
+    Debian packages through the host's apt sources) and then found up to date. The host's own
+    image directory, like the tiny base: the base domain is shared with real runs."""
+    return debian_image.build_image(_libvirt.get(), directory=DEFAULT_DATA_DIR / "images")
 
 
 @pytest.fixture

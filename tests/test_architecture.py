@@ -22,6 +22,7 @@ LAYERS = [
         "kvmksm.progress",
         "kvmksm.signals",
         "kvmksm.security",
+        "kvmksm.guest",  # programs run inside guests: they import nothing of kvmksm
     ),
     ("kvmksm.host",),
     ("kvmksm.scenario",),

@@ -47,8 +47,8 @@ def test_missing_scenario_file() -> None:
     p = kvmksm("bench", "no-such-scenario.yaml")
     assert p.returncode == 2
     assert p.stderr.strip() == (
-        "kvmksm: no-such-scenario.yaml: no such scenario file (bundled scenarios: fedora3, "
-        "ltp-ksm03, sweep-processes, tiny-sweep, tiny3)"
+        "kvmksm: no-such-scenario.yaml: no such scenario file (bundled scenarios: debian-churn, "
+        "debian-sweep, debian3, fedora3, ltp-ksm03, sweep-processes, tiny-sweep, tiny3)"
     )
 
 

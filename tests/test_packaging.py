@@ -50,7 +50,8 @@ def test_plain_install_is_not_the_checkout(installed: Path, tmp_path: Path) -> N
 
 
 def test_bundled_scenarios_from_another_folder(installed: Path, tmp_path: Path) -> None:
-    for name in ("tiny3", "ltp-ksm03", "fedora3", "tiny-sweep", "sweep-processes"):
+    for name in ("tiny3", "ltp-ksm03", "fedora3", "tiny-sweep", "sweep-processes", "debian3",
+                 "debian-sweep", "debian-churn"):  # fmt: skip
         proc = kvmksm(installed, "validate", name, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith(f"{name}: ok")

@@ -100,8 +100,8 @@ BAD = [
     (
         "workload:\n  type: vms\n  base: {domain: x}\n  clones: 2\n  bogus: 1\n",
         "bad.yaml:5: workload.bogus: unknown field (expected one of: type, connect, domain_type, "
-        "base, clones, disk, pool, memory, guest_fill, boot, settle, steady, plateau, unmerge, "
-        "expect, sharing)",
+        "base, clones, disk, pool, memory, guest_fill, boot, guest_run, churn, probe, settle, "
+        "steady, plateau, unmerge, expect, sharing)",
     ),
     (
         "workload:\n  type: vms\n  base: {domain: x}\n  clones: 0\n",

@@ -17,7 +17,7 @@ def data_dir() -> Path:
 
 
 def images_dir() -> Path:
-    """The tiny base image and its kernel and initrd copies."""
+    """kvmksm's base images (tiny, Debian) and their kernel and initrd copies."""
     return data_dir() / "images"
 
 
@@ -29,3 +29,14 @@ def pool_dir() -> Path:
 def console_dir() -> Path:
     """Serial console logs of clones, one file per clone, deleted on teardown."""
     return data_dir() / "console"
+
+
+def ssh_dir() -> Path:
+    """The SSH key kvmksm generates and puts in the Debian image (root's authorized key)."""
+    return data_dir() / "ssh"
+
+
+def apt_dir() -> Path:
+    """Private apt state (sources, lists) used to find guest kernel packages; the host's own
+    apt configuration is never changed."""
+    return data_dir() / "apt"

@@ -62,6 +62,12 @@ class Kind(StrEnum):
     SHARING_SKIPPED = "sharing_skipped"
     SHARING_FAILED = "sharing_failed"
     POTENTIAL_FAILED = "potential_failed"
+    # inside the guests, through their agents
+    GUEST_RUN = "guest_run"
+    CHURN_STARTED = "churn_started"
+    PROBE_STARTED = "probe_started"
+    PROBE = "probe"
+    CHURN_STATUS = "churn_status"
     # watch
     WATCH_NOTE = "watch_note"
     WATCH_END = "watch_end"

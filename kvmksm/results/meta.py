@@ -132,6 +132,10 @@ class RunMeta(Meta):
     reconciliation: dict[str, Any] | None = None
     sharing: dict[str, Any] | None = None  # who shares with whom, after the plateau
     potential: dict[str, Any] | None = None  # the most that could merge, after the plateau
+    # inside the guests, through their agents (workloads.guest_work)
+    guest_run: list[dict[str, Any]] | None = None  # each command in each guest
+    churn: dict[str, Any] | None = None  # the churn program per guest, its rate achieved
+    guest_probe: dict[str, Any] | None = None  # write latency with KSM off and on
     experiment: ExperimentRef | None = None
 
     @property

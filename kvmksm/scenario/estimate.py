@@ -77,6 +77,10 @@ def estimate(sc: Scenario) -> Estimate:
         f"{boot} + settle {_span(w.settle)} + steady up to {_span(w.steady.timeout)} "
         f"+ plateau {_span(w.plateau)}"
     )
+    if w.guest_run:  # commands run one after another, each up to its timeout
+        run = sum(c.timeout for c in w.guest_run)
+        longest += run
+        parts += f" + guest_run up to {_span(run)}"
     return Estimate(points, sc.repeats, shortest, longest, parts)
 
 

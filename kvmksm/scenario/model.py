@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from kvmksm.host.ksm import KNOWN_COUNTERS, KNOWN_KNOBS
-from kvmksm.units import Duration, Size
+from kvmksm.units import Duration, Size, parse_size
 
 
 class Strict(BaseModel):
@@ -170,6 +170,49 @@ class GuestFill(Strict):
         return _byte_value(v)
 
 
+class GuestCommand(Strict):
+    """A command run in every guest through its agent (``/bin/sh -c run``)."""
+
+    run: str = Field(min_length=1)
+    timeout: Duration = Field(default=300.0, gt=0)
+
+
+def _command(v: object) -> object:
+    return {"run": v} if isinstance(v, str) else v
+
+
+GuestRun = Annotated[GuestCommand, BeforeValidator(_command)]
+
+
+def _rate(v: object) -> object:
+    """'8MiB/s' (or a size: bytes per second)."""
+    if isinstance(v, str) and v.strip().endswith("/s"):
+        v = v.strip()[:-2]
+    try:
+        return parse_size(v)
+    except ValueError:
+        raise ValueError(f"expected a rate such as 8MiB/s (or bytes a second), got {v!r}") from None
+
+
+Rate = Annotated[int, BeforeValidator(_rate)]
+
+
+class Churn(Strict):
+    """Memory every guest keeps rewriting while KSM runs: ``size`` bytes, ``rate`` bytes a
+    second (``rate: 0`` fills them once and holds them: the same memory without churn)."""
+
+    size: Size = Field(gt=0)
+    rate: Rate = Field(ge=0)
+
+
+class GuestProbe(Strict):
+    """What the guests feel: timed writes, one to each page of a ``size`` buffer, while KSM is
+    off (before it goes on) and while it is on (after the plateau)."""
+
+    latency: bool = True
+    size: Size = Field(default=16 << 20, ge=1 << 20)
+
+
 class Steady(Strict):
     """The merge curve is steady once `min_full_scans` full scans have completed since KSM
     went on and `pages_sharing` moved by no more than `threshold` (a fraction of its value)
@@ -195,6 +238,10 @@ class VmsWorkload(Strict):
     memory: Size | None = None  # override the base's memory per clone
     guest_fill: GuestFill | None = None
     boot: BootWait = BootWait()
+    # Inside the guests, through the guest agent (the base needs its channel):
+    guest_run: list[GuestRun] = []  # once all are up, before KSM goes on
+    churn: Churn | None = None  # from then on, until the guests are torn down
+    probe: GuestProbe | None = None  # guest-side cost of KSM
     settle: Duration = 5.0
     steady: Steady = Steady()
     plateau: Duration = 10.0  # KSM stays on this long after steady: the plateau measured

@@ -22,6 +22,7 @@ from kvmksm.security import SIDE_CHANNEL_NOTE
 from kvmksm.units import format_size
 from kvmksm.views import charts, html
 from kvmksm.views.fmt import fmt_duration, fmt_num, fmt_value
+from kvmksm.views.guest_section import guest_section
 
 # Metrics shown as cards at the top, in this order; all of them are in the table below.
 HEADLINE = (
@@ -84,6 +85,7 @@ def build_context(record: Record) -> dict[str, Any]:
         "vm_guests": len(a.vm.rows) if a.vm else 0,
         "security_note": SIDE_CHANNEL_NOTE,
         "sharing": _sharing_view(record, a, ps),
+        "guest_work": guest_section(record, a.windows),
     }
 
 

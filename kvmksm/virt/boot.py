@@ -178,6 +178,7 @@ def wait_up(
                 state = watch.poll(p)
             elif boot.method == "agent":
                 state = "up" if _agent_ping(p.dom) else None
+                elapsed = clock() - p.started  # as the ping answered (it may wait up to 1 s)
             elif elapsed >= boot.delay:
                 state = "up"
             if state == "up":

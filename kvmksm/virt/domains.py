@@ -225,6 +225,10 @@ def clone_xml(base_xml: str, plan: ClonePlan) -> str:
     cpu = root.find("cpu")
     if plan.domain_type == "qemu" and cpu is not None and cpu.get("mode", "").startswith("host"):
         root.remove(cpu)  # TCG has no host CPU to pass through
+    if plan.domain_type != "qemu":
+        for features in root.findall("features"):
+            for tcg in features.findall("tcg"):  # libvirt refuses TCG settings under KVM
+                features.remove(tcg)
     devices = _child(root, "devices")
     _clone_disks(devices, plan)
     _clone_interfaces(devices, plan.macs)

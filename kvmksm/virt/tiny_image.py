@@ -15,7 +15,6 @@ memory - 64 MiB. Under TCG a guest is up about 4 s (guest uptime) after its kern
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -24,7 +23,6 @@ import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -32,8 +30,15 @@ import libvirt
 from kvmksm.errors import UserError
 from kvmksm.host import paths
 from kvmksm.virt import initramfs
-from kvmksm.virt.cleanup import find_leftovers
-from kvmksm.virt.domains import base_tag_xml, lookup, parse_tag, read_tag
+from kvmksm.virt.base_image import (
+    BuiltImage,
+    claim,
+    define_base,
+    read_manifest,
+    refuse_rebuild,
+    write_manifest,
+)
+from kvmksm.virt.domains import base_tag_xml, parse_tag
 
 # Bump when the image's contents change in a way inputs do not show. 2: a minimal initramfs
 # built from the kernel's modules instead of a copy of the host's Debian initrd.
@@ -106,19 +111,7 @@ idle
 """
 
 
-@dataclass
-class TinyImage:
-    domain: str
-    image: Path
-    kernel: Path
-    initrd: Path
-    built: bool  # the image was (re)built by this call
-    defined: bool  # the domain was (re)defined by this call
-
-    def __str__(self) -> str:
-        what = "built" if self.built else "up to date"
-        dom = "defined" if self.defined else "unchanged"
-        return f"{self.domain}: image {self.image} ({what}), domain {dom}"
+TinyImage = BuiltImage  # what build_image returns (the Debian image's builder returns the same)
 
 
 def find_kernel(
@@ -295,10 +288,7 @@ def build_image(
         raise UserError(f"{busybox} is not statically linked (install busybox-static)")
     contents = initramfs.plan(release, modules_dir)
 
-    existing = lookup(conn, name)
-    tag = read_tag(existing) if existing is not None else None
-    if existing is not None and (tag is None or tag.kind != "base"):
-        raise UserError(f"domain {name!r} exists and was not made by kvmksm; choose another name")
+    existing, tag = claim(conn, name)
 
     image = directory / f"{name}.qcow2"
     kcopy, icopy = directory / f"{name}.vmlinuz", directory / f"{name}.initrd"
@@ -311,20 +301,13 @@ def build_image(
         *contents.module_files(),
         extra=f"{DISK_MIB}\n{release}\n{contents.init}\n{CMDLINE}",
     )
-    old = _read_json(manifest)
+    old = read_manifest(manifest)
     stale = (
         force or old.get("fingerprint") != fp or not all(p.exists() for p in (image, kcopy, icopy))
     )
     built = False
     if stale:
-        if existing is not None and existing.isActive():
-            raise UserError(f"base domain {name!r} is running; shut it off before rebuilding")
-        clones = [d for d in find_leftovers(conn).domains if _clone_of(conn, d, name)]
-        if clones:
-            raise UserError(
-                f"{len(clones)} kvmksm clone(s) of {name} exist and use its image as backing "
-                "file; run 'kvmksm clean' first"
-            )
+        refuse_rebuild(conn, name, existing)
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="kvmksm-rootfs-", dir=directory) as tmp:
             root = Path(tmp) / "root"
@@ -341,41 +324,35 @@ def build_image(
             for dst in (kcopy, icopy):
                 os.replace(Path(tmp) / dst.name, dst)
             os.replace(tmp_image, image)
-        manifest.write_text(
-            json.dumps(
-                {
-                    "version": IMAGE_VERSION,
-                    "fingerprint": fp,
-                    "kernel": str(kernel),
-                    "release": release,
-                    "modules": [str(f) for f in contents.module_files()],
-                    "initrd_bytes": size,
-                    "busybox": str(busybox),
-                },
-                indent=1,
-            )
+        write_manifest(
+            manifest,
+            {
+                "version": IMAGE_VERSION,
+                "fingerprint": fp,
+                "kernel": str(kernel),
+                "release": release,
+                "modules": [str(f) for f in contents.module_files()],
+                "initrd_bytes": size,
+                "busybox": str(busybox),
+            },
         )
         built = True
     else:
         progress(f"image is up to date ({image})")
 
     # The domain is redefined when anything in its XML would change (inputs, settings, template).
-    draft = base_domain_xml(name, image, kcopy, icopy, memory, vcpus, domain_type, "")
-    build = fingerprint(extra=f"{fp}\n{draft}")
-    defined = False
-    if built or tag is None or tag.attrs.get("build") != build:
-        if existing is not None and existing.isActive():
-            raise UserError(f"base domain {name!r} is running; shut it off before redefining")
-        uuid = existing.UUIDString() if existing is not None else None  # redefine in place
-        xml = base_domain_xml(name, image, kcopy, icopy, memory, vcpus, domain_type, build, uuid)
-        try:
-            conn.defineXML(xml)
-        except libvirt.libvirtError as e:
-            raise UserError(f"cannot define base domain {name}: {e.get_error_message()}") from None
-        progress(f"defined shut-off base domain {name} ({conn.getURI()})")
-        defined = True
-    else:
-        progress(f"base domain {name} is up to date")
+    defined = define_base(
+        conn,
+        name,
+        existing,
+        tag,
+        lambda build, uuid: base_domain_xml(
+            name, image, kcopy, icopy, memory, vcpus, domain_type, build, uuid
+        ),
+        fp,
+        built,
+        progress,
+    )
     return TinyImage(name, image, kcopy, icopy, built, defined)
 
 
@@ -394,17 +371,3 @@ def outdated(xml: str) -> str | None:
                 f"version {IMAGE_VERSION})"
             )
     return None
-
-
-def _clone_of(conn: libvirt.virConnect, domain: str, base: str) -> bool:
-    dom = lookup(conn, domain)
-    tag = read_tag(dom) if dom is not None else None
-    return bool(tag and tag.attrs.get("base") == base)
-
-
-def _read_json(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

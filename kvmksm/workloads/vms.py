@@ -29,6 +29,7 @@ from kvmksm.virt.tiny_image import outdated
 from kvmksm.workloads import sharing
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
 from kvmksm.workloads.guest_watch import GuestWatch, wait
+from kvmksm.workloads.guest_work import GuestWork, require_agent
 
 POLL = 0.05  # seconds between steady-state readings (a reading is three sysfs reads)
 
@@ -60,6 +61,7 @@ class VmsRun(Workload):
         self.pids: dict[str, int] = {}
         self.fs: HostFS | None = None
         self.watch: GuestWatch | None = None
+        self.work: GuestWork | None = None  # guest_run, churn, probe (through the agents)
 
     # -- before anything is created -------------------------------------------------------
     def preflight(self, fs: HostFS, ksm: Ksm) -> None:
@@ -83,9 +85,11 @@ class VmsRun(Workload):
         except UserError as e:
             name = getattr(self.spec.base, "domain", None)
             if name and "not found" in str(e) and name.startswith("kvmksm-"):
+                kind = "debian" if name.startswith("kvmksm-debian") else "tiny"
+                cmd = "kvmksm image build" + (" debian" if kind == "debian" else "")
                 raise UserError(
-                    f"base domain '{name}' not found at {self.uri}: build the tiny base image "
-                    f"first with: kvmksm image build --name {name}"
+                    f"base domain '{name}' not found at {self.uri}: build the {kind} base image "
+                    f"first with: {cmd} --name {name}"
                 ) from None
             if name and "not found" in str(e):
                 raise UserError(
@@ -94,6 +98,7 @@ class VmsRun(Workload):
                     "self-contained scenario instead: kvmksm bench scenarios/tiny3.yaml"
                 ) from None
             raise
+        require_agent(self.spec, base.xml)
         stale = outdated(base.xml)
         if stale:
             raise UserError(
@@ -153,9 +158,14 @@ class VmsRun(Workload):
         watch.attend()
         self.pids = clones.pids(ctx.fs)
         ctx.record.update(guests=[self._guest_info(g) for g in clones.guests])
+        self.work = GuestWork.of(self.conn, [g.name for g in clones.guests], spec)
+        if self.work:
+            self.work.before_ksm(ctx)
         with ctx.phase(f"settling for {spec.settle:g}s"):
             wait(ctx, watch, spec.settle)
         ctx.record.event(Kind.SETTLE_DONE, f"{spec.settle:g}s")
+        if self.work:
+            self.work.probe(ctx, "off", ksm="off")
 
         ctx.ksm.write("run", 1)
         ctx.record.event(Kind.KSM_ON, "run=1")
@@ -166,6 +176,9 @@ class VmsRun(Workload):
                 wait(ctx, watch, spec.plateau)
         # Ends the plateau window (also with plateau: 0), so what follows stays out of it.
         ctx.record.event(Kind.PLATEAU_DONE, f"{spec.plateau:g}s after steady")
+        if self.work:  # after the plateau window: the probe's writes stay out of it
+            self.work.probe(ctx, "on", ksm="on")
+            self.work.finish(ctx)
         # Who shares with whom, and how much more could merge: after the plateau window.
         sharing.measure(ctx, self.pids, spec.sharing)
         watch.attend()
@@ -289,6 +302,7 @@ class VmsRun(Workload):
             self.conn = self.clones.conn  # teardown reconnects when libvirtd went away
             self.clones = None
         self.pids = {}
+        self.work = None
         if self.conn is not None:
             try:
                 self.conn.close()
