@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
       qemu-utils libvirt-dev pkg-config linux-image-amd64 busybox-static e2fsprogs
-      chromium)
+      chromium mmdebstrap openssh-client)
 
 say() { printf '[setup] %s\n' "$*"; }
 
@@ -47,6 +47,6 @@ done
 virsh -c qemu:///system version >/dev/null || { echo "libvirtd did not come up" >&2; exit 1; }
 
 # Always (re)install the project: cheap when nothing changed, and it picks up new dependencies.
-say "installing kvmksm and its Python dependencies (pip install -e '.[vms,test]')"
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[vms,test]'
+say "installing kvmksm and its Python dependencies (pip install -e '.[vms,fleet,test]')"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[vms,fleet,test]'
 say "ready: $(virsh -c qemu:///system version --daemon 2>/dev/null | grep -m1 'daemon' || true)"

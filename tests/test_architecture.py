@@ -22,6 +22,8 @@ LAYERS = [
         "kvmksm.progress",
         "kvmksm.signals",
         "kvmksm.security",
+        # Ansible's callback plugin of kvmksm fleet: package data Ansible loads; no kvmksm import
+        "kvmksm.fleet",
     ),
     ("kvmksm.host",),
     ("kvmksm.scenario",),

@@ -22,6 +22,7 @@ class Kind(StrEnum):
     METRICS_ERROR = "metrics_error"
     SAMPLER_ERRORS = "sampler_errors"
     OTHER_KSM_USERS = "other_ksm_users"
+    SKIPPED = "skipped"  # optional knobs or expectations this kernel lacks
     # KSM and its knobs
     KSM_OFF = "ksm_off"
     KSM_ON = "ksm_on"

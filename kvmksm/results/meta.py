@@ -56,6 +56,7 @@ class Host(Meta):
     page_size: int = DEFAULT_PAGE
     mem_total_kb: int | None = None
     thp_enabled: str | None = None
+    virtualization: str | None = None  # none, qemu-tcg, vm (...): see host.facts
 
 
 class Guest(Meta):
@@ -133,6 +134,8 @@ class RunMeta(Meta):
     sharing: dict[str, Any] | None = None  # who shares with whom, after the plateau
     potential: dict[str, Any] | None = None  # the most that could merge, after the plateau
     experiment: ExperimentRef | None = None
+    # Optional knobs and expectations this kernel lacks, not set and not judged.
+    skipped: list[dict[str, Any]] = Field(default_factory=list)
 
     @property
     def workload(self) -> Workload:

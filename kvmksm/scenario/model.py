@@ -53,6 +53,18 @@ def _check_knob_keys(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
+def _check_optional(v: list[str]) -> list[str]:
+    for key in v:
+        if key == "run":
+            raise ValueError("'run' is on every kernel with KSM: it cannot be optional")
+        if key not in KNOWN_KNOBS and key not in KNOWN_COUNTERS:
+            raise ValueError(
+                f"unknown KSM knob or counter {key!r} (expected names such as smart_scan, "
+                "advisor_mode, ksm_zero_pages, general_profit, pages_scanned)"
+            )
+    return v
+
+
 # -- the processes workload ---------------------------------------------------------
 class PatternSpec(Strict):
     """What one process writes into its whole mapping."""
@@ -237,6 +249,9 @@ class Scenario(Strict):
     # An experiment: every point of the matrix (cross product of the axes), `repeats` times.
     repeats: int = Field(default=1, ge=1, le=1000)
     matrix: dict[str, Annotated[list[int | str], Field(min_length=1)]] = {}
+    # Knobs and counters only some kernels have: where this kernel lacks one, its knob is not
+    # set and its expectations are not judged, and the record says so (scenario.portable).
+    optional: Annotated[list[str], AfterValidator(_check_optional)] = []
 
 
 # -- rules across fields -------------------------------------------------------------
@@ -289,6 +304,14 @@ def semantic_problems(s: Scenario) -> list[tuple[tuple[Any, ...], str]]:
                     ("workload", "cgroup", "memory_limit"),
                     f"expected at least count x size = {w.count * w.size} bytes, or the "
                     "processes would be killed by the OOM killer",
+                )
+            )
+    for key in s.optional:
+        if key in s.matrix:
+            out.append(
+                (
+                    ("matrix", key),
+                    f"{key} is optional (only some kernels have it): it cannot be an axis",
                 )
             )
     if isinstance(w, VmsWorkload) and w.guest_fill and w.memory and w.guest_fill.size >= w.memory:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
@@ -15,9 +15,11 @@ from rich.table import Table
 from kvmksm.commands.bench import BenchResult
 from kvmksm.commands.compare import AGGREGATION, Comparison
 from kvmksm.commands.compare_gate import Gate
-from kvmksm.commands.plan import DensityPlan
 from kvmksm.views.fmt import NOTHING, fmt_expected, fmt_num, fmt_sig
 from kvmksm.views.tables import print_table
+
+if TYPE_CHECKING:  # plan needs statsmodels, which a fleet host (bench only) does not have
+    from kvmksm.commands.plan import DensityPlan
 
 
 class TerminalProgress:
