@@ -142,6 +142,9 @@ class ProcessesWorkload(Strict):
     type: Literal["processes"]
     count: int = Field(ge=1, le=1024)
     size: Size = Field(gt=0)
+    # Fill (and verify) only the first `touched` bytes of each mapping: the rest is never
+    # faulted in, a large sparse MADV_MERGEABLE area that ksmd must still walk every pass.
+    touched: Size | None = Field(default=None, gt=0)
     cgroup: CgroupSpec | None = None
     full_scans: int = Field(default=3, ge=1)  # per round, as LTP
     scan_timeout: Duration = 300.0
@@ -290,6 +293,8 @@ def semantic_problems(s: Scenario) -> list[tuple[tuple[Any, ...], str]]:
                         "repeated to each count)",
                     )
                 )
+        if w.touched is not None and w.touched > w.size:
+            out.append((("workload", "touched"), f"expected at most size ({w.size} bytes)"))
         counts = [v for v in s.matrix.get("count", []) if isinstance(v, int)]
         if w.cgroup and counts and w.cgroup.memory_limit < max(counts) * w.size:
             out.append(
