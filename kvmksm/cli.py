@@ -497,14 +497,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for line in gate.cannot_tell:  # before anything else: the figures below cannot decide
         err.print(f"kvmksm: {line}", markup=False, soft_wrap=True)
     html = compare_page(cmp, args.output or default_output(args.paths, "compare.html"))
+    kernels = None
+    if any(d["kind"] == "kernel" for d in cmp.differences):  # kernels side by side, too
+        from kvmksm.commands.kernels import kernel_comparison  # only when kernels differ
+        from kvmksm.views.kernels_page import kernels_page
+
+        kernels = kernels_page(kernel_comparison(cmp), html.with_name("kernels.html"))
     if args.json:
         doc = cmp.to_json() | {"gate": gate.to_json(), "html": str(html)}
+        if kernels:
+            doc["kernels_html"] = str(kernels)
         print(json.dumps(doc, indent=1, default=str))
     else:
         out = Console(highlight=False)
         comparison(cmp, out, said=gate.cannot_tell)
         gate_result(gate, out)
         out.print(f"report: {html}", soft_wrap=True, markup=False)
+        if kernels:
+            out.print(f"kernels: {kernels}", soft_wrap=True, markup=False)
     return gate.status
 
 

@@ -75,7 +75,10 @@ def write_fleet_pages(fleet_dir: Path, progress: Progress) -> list[Path]:
     cannot be drawn loses nothing: the records are what matter, and `kvmksm report` and
     `kvmksm compare` rebuild them."""
     # matplotlib and jinja2 load only when pages are written (not for --no-report)
-    from kvmksm.views.kernels_page import write_kernels_page
+    from kvmksm.commands.compare import collect, compare
+    from kvmksm.commands.kernels import kernel_comparison
+    from kvmksm.views.compare_page import compare_page
+    from kvmksm.views.kernels_page import kernels_page
     from kvmksm.views.report import write_report
 
     pages: list[Path] = []
@@ -90,7 +93,9 @@ def write_fleet_pages(fleet_dir: Path, progress: Progress) -> list[Path]:
         except Exception as e:
             progress.warn(f"report not written for {rec.dir} ({e}); rebuild: kvmksm report")
     try:
-        pages.append(write_kernels_page([fleet_dir], fleet_dir / "kernels.html"))
+        cmp = compare(collect([fleet_dir]))
+        pages.append(kernels_page(kernel_comparison(cmp), fleet_dir / "kernels.html"))
+        pages.append(compare_page(cmp, fleet_dir / "compare.html"))
     except Exception as e:
         progress.warn(f"kernel comparison not written ({e}); rebuild: kvmksm compare {fleet_dir}")
     return pages
