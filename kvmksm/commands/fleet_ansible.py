@@ -86,11 +86,13 @@ def list_inventory(inventory: str, limit: str | None = None) -> list[InventoryHo
     groups: dict[str, list[str]] = {}
 
     def walk(group: str, seen: tuple[str, ...]) -> None:
+        """A host is in its group and in every group above it (children: in Ansible)."""
         entry = data.get(group, {})
         for h in entry.get("hosts", []):
             groups.setdefault(h, [])
-            if group not in ("all", "ungrouped") and group not in groups[h]:
-                groups[h].append(group)
+            for g in seen:
+                if g not in ("all", "ungrouped") and g not in groups[h]:
+                    groups[h].append(g)
         for child in entry.get("children", []):
             if child not in seen:
                 walk(child, (*seen, child))

@@ -23,7 +23,8 @@ def iter_records(paths: Sequence[str | Path]) -> Iterator[tuple[str, Record]]:
         for d in sources(arg):
             if is_fleet(d):  # each host's folder, as its index lists them
                 for _, host_dir in host_dirs(d):
-                    yield from _records(str(arg), host_dir)
+                    for sub in _below(host_dir, 1):
+                        yield from _records(str(arg), sub)
             else:
                 yield from _records(str(arg), d)
 
