@@ -65,8 +65,8 @@ def test_fit_drops_only_what_this_kernel_lacks() -> None:
 def test_optional_must_name_ksm_files_and_not_an_axis() -> None:
     with pytest.raises(UserError, match=r"t.yaml:4: optional: unknown KSM knob or counter 'smrt'"):
         scenario.loads(TRAVELS.replace("optional: [smart_scan", "optional: [smrt"), "t.yaml")
-    text = TRAVELS.replace("knobs: {pages_to_scan: 5000, sleep_millisecs: 0, smart_scan: 0}",
-                           "knobs: {pages_to_scan: 5000}\nmatrix: {smart_scan: [0, 1]}")  # fmt: skip
+    old = "knobs: {pages_to_scan: 5000, sleep_millisecs: 0, smart_scan: 0}"
+    text = TRAVELS.replace(old, "knobs: {pages_to_scan: 5000}\nmatrix: {smart_scan: [0, 1]}")
     with pytest.raises(UserError, match="smart_scan is optional .* cannot be an axis"):
         scenario.loads(text, "t.yaml")
 
