@@ -109,7 +109,7 @@ def fleet_run(
             targets = _read_probe(probe, entries)
             t0 = time.monotonic()
             with progress.phase("building what the hosts need (dependency and kvmksm bundles)"):
-                plan = _plan(targets, entries, bundles)
+                plan = _plan(targets, entries, bundles, Path(scenario_file), work)
             index["timings"]["bundles_s"] = round(time.monotonic() - t0, 2)
             folder.save_index(fleet_dir, index)
             ready = list(plan)
@@ -233,11 +233,17 @@ def _read_probe(probe: PlaybookRun, entries: dict[str, dict[str, Any]]) -> dict[
 
 # -- step 2: what to install where ------------------------------------------------------------
 def _plan(
-    targets: dict[str, Any], entries: dict[str, dict[str, Any]], cache: Path | None
+    targets: dict[str, Any],
+    entries: dict[str, dict[str, Any]],
+    cache: Path | None,
+    scenario_file: Path,
+    work: Path,
 ) -> dict[str, dict[str, Any]]:
     """Per host the bundles it needs and whether to install each (skipped when the same
-    version is already there)."""
+    version is already there), and the run's payload: the scenario, with kvmksm or without."""
     me = kvmksm_bundle(cache)
+    payloads = {with_me: _payload(work, scenario_file, me if with_me else None)
+                for with_me in (False, True)}  # fmt: skip
     deps: dict[Target, Bundle | str] = {}
     plan = {}
     for name, (target, have) in targets.items():
@@ -260,14 +266,30 @@ def _plan(
             "kvmksm_id": me.id,
             "kvmksm_bundle": str(me.path),
             "install_kvmksm": install_me,
+            "payload": str(payloads[install_me]),
         }
     return plan
+
+
+def _payload(work: Path, scenario_file: Path, me: Bundle | None) -> Path:
+    """payload[-kvmksm].tar.gz: the scenario file at the top, kvmksm's tree in kvmksm-tree/."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / ("payload-kvmksm.tar.gz" if me else "payload.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(scenario_file, arcname=scenario_file.name)
+        if me is not None:
+            with tarfile.open(me.path) as src:
+                for member in src.getmembers():
+                    data = src.extractfile(member) if member.isfile() else None
+                    member.name = f"kvmksm-tree/{member.name}"
+                    tar.addfile(member, data)
+    return path
 
 
 # -- step 3: what the run said --------------------------------------------------------------
 PHASES = {
     "install": ("kvmksm: install",),
-    "run": ("kvmksm: scenario", "kvmksm: run"),
+    "run": ("kvmksm: run",),
     "gather": ("kvmksm: gather",),
 }
 
