@@ -10,10 +10,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kvmksm.commands.compare import collect, compare
 from kvmksm.commands.fleet import FleetResult
+from kvmksm.commands.kernels import kernel_comparison
 from kvmksm.progress import Progress
 from kvmksm.results.collect import iter_records
 from kvmksm.scenario.portable import summary
+from kvmksm.views.compare_page import compare_page
+from kvmksm.views.kernels_page import kernels_page
+from kvmksm.views.report import write_report
 
 STYLE = {"passed": "green", "failed": "bold red", "interrupted": "yellow"}
 
@@ -74,13 +79,6 @@ def write_fleet_pages(fleet_dir: Path, progress: Progress) -> list[Path]:
     """report.html beside every record, and the kernel comparison (kernels.html). A page that
     cannot be drawn loses nothing: the records are what matter, and `kvmksm report` and
     `kvmksm compare` rebuild them."""
-    # matplotlib and jinja2 load only when pages are written (not for --no-report)
-    from kvmksm.commands.compare import collect, compare
-    from kvmksm.commands.kernels import kernel_comparison
-    from kvmksm.views.compare_page import compare_page
-    from kvmksm.views.kernels_page import kernels_page
-    from kvmksm.views.report import write_report
-
     pages: list[Path] = []
     try:
         records = [rec for _, rec in iter_records([fleet_dir])]
