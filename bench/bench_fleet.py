@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from kvmksm.commands.fleet import fleet_run
+from kvmksm.host import paths
 from kvmksm.scenario.load import resolve_path
 from kvmksm.virt.conn import open_connection, resolve_uri
 from kvmksm.virt.lab import GuestSpec, Lab, inventory
@@ -60,7 +61,8 @@ def main() -> int:
         scenario.write_text(ONE_RUN)
     conn = open_connection(resolve_uri())
     rows = []
-    with Lab(conn, tmp / "lab", args.key, memory_mib=args.memory) as lab:
+    # QEMU runs as libvirt's user: the overlays go where it can read them, not in a 0700 tmp
+    with Lab(conn, paths.data_dir() / "lab", args.key, memory_mib=args.memory) as lab:
         t0 = time.monotonic()
         guests = lab.boot([spec] * max(counts), progress=lambda s: print(s, file=sys.stderr))
         print(f"booted {len(guests)} guests in {time.monotonic() - t0:.0f}s", file=sys.stderr)
