@@ -164,20 +164,30 @@ def _statements(kc: KernelComparison) -> list[str]:
             "machines only counts (memory saved, exact counters) are set side by side."
         )
     for row in kc.figures:
+        same, noise, few = [], [], []
         for gid in ids[1:]:
             d = row["vs_base"].get(gid)
             if not d:
                 continue
-            what = f"{row['label']}, {kernel[gid]} against {kernel[ids[0]]}"
             v = d["verdict"]
             if v == "beyond noise":
                 pct = f" ({d['diff_pct']:+.1f}%)" if d.get("diff_pct") is not None else ""
                 word = "better" if d.get("better") else "worse"
-                out.append(f"REAL: {what}: {word}{pct}, {d.get('why', '')}")
+                out.append(
+                    f"REAL: {row['label']}, {kernel[gid]} against {kernel[ids[0]]}: "
+                    f"{word}{pct}, {d.get('why', '')}"
+                )
             elif v == "same":
-                out.append(f"same: {what}: every repeat gave the same value")
+                same.append(kernel[gid])
             elif v == "within noise":
-                out.append(f"within noise: {what} ({d.get('why', '')})")
+                noise.append(f"{kernel[gid]} (p = {d['p']:.2g})" if d.get("p") else kernel[gid])
             elif v == "too few repeats to tell":
-                out.append(f"cannot tell: {what}: {d.get('why', '')}")
+                few.append(kernel[gid])
+        against = f"against {kernel[ids[0]]}"
+        if same:
+            out.append(f"same: {row['label']} {against}, every repeat alike: {', '.join(same)}")
+        if noise:
+            out.append(f"within noise: {row['label']} {against}: {', '.join(noise)}")
+        if few:
+            out.append(f"cannot tell (fewer than 3 repeats): {row['label']}: {', '.join(few)}")
     return out
