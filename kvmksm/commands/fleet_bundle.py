@@ -35,6 +35,7 @@ from kvmksm.host import paths
 
 PACKAGE = Path(kvmksm.__file__).resolve().parent
 OLDEST_GLIBC = 17  # manylinux2014
+KEEP = 5  # kvmksm bundles kept in the cache
 # What only the controller uses: a host runs `kvmksm bench --no-report` (records, no pages,
 # no plan), and the controller draws the reports, the comparison and the plan. Leaving them
 # out halves what each host unpacks (tests/test_fleet.py checks that bench never imports them).
@@ -112,6 +113,10 @@ def kvmksm_bundle(cache: Path | None = None) -> Bundle:
         for p in _package_files():
             tar.add(p, arcname=str(Path("kvmksm") / p.relative_to(PACKAGE)), recursive=False)
     tmp.replace(path)
+    # A checkout changes often: keep the newest few kvmksm bundles, not one per edit.
+    old = sorted(cache.glob("kvmksm-*.tar.gz"), key=lambda p: p.stat().st_mtime)[:-KEEP]
+    for p in old:
+        p.unlink(missing_ok=True)
     return Bundle(ident, path, time.monotonic() - t0)
 
 
