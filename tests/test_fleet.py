@@ -314,3 +314,35 @@ def test_compare_cli_on_a_fleet_writes_the_kernel_page(tmp_path: Path) -> None:
     doc = json.loads(proc.stdout)
     assert Path(doc["kernels_html"]) == d / "kernels.html" and (d / "kernels.html").exists()
     assert len(doc["groups"]) == 3
+
+
+def test_fleet_table_names_every_host_and_why(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from kvmksm.commands.fleet import FleetResult
+    from kvmksm.views.fleet import fleet_result
+
+    index = {
+        "name": "ltp",
+        "timings": {"probe_s": 2.0, "run_playbook_s": 60.0},
+        "hosts": [
+            {"name": "g61", "status": "passed", "kernel_release": "6.1.0-56-amd64",
+             "timings": {"install_s": 40.0, "run_s": 20.0, "gather_s": 3.0}, "restored": True,
+             "installed": "installed", "error": None,
+             "skipped": [{"name": "smart_scan", "kind": "knob"}]},
+            {"name": "gone", "status": "unreachable", "timings": {}, "restored": None,
+             "error": "ssh: connect to host 10.0.0.9 port 22: Connection refused",
+             "skipped": []},
+        ],
+    }  # fmt: skip
+    out = io.StringIO()
+    fleet_result(FleetResult("failed", tmp_path, index), Console(file=out, width=80), [])
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "kvmksm fleet ltp: FAILED"
+    g61 = next(ln for ln in lines if ln.startswith("g61"))
+    assert "passed" in g61 and "40s" in g61 and "skipped: smart_scan (knob)" in g61
+    gone = next(ln for ln in lines if ln.startswith("gone"))
+    assert "unreachable" in gone and "Connection refused" in gone  # whole, not cut
+    assert f"fleet: {tmp_path}" in out.getvalue()

@@ -19,6 +19,7 @@ from kvmksm.scenario.portable import summary
 from kvmksm.views.compare_page import compare_page
 from kvmksm.views.kernels_page import kernels_page
 from kvmksm.views.report import write_report
+from kvmksm.views.tables import print_table
 
 STYLE = {"passed": "green", "failed": "bold red", "interrupted": "yellow"}
 
@@ -43,7 +44,7 @@ def fleet_result(result: FleetResult, console: Console, pages: list[Path]) -> No
             _restored(h.get("restored")),
             _note(h),
         )
-    console.print(table)
+    print_table(console, table)
     tm = idx.get("timings", {})
     console.print(
         "wall time: "
