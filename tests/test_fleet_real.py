@@ -160,3 +160,40 @@ def test_fleet_demo_two_kernels_and_this_host(tmp_path: Path, real_ksm: Ksm) -> 
         assert all(c.passed for c in rec.checks)
     page = (fleet_dir / "kernels.html").read_text()
     assert "not comparable" in page and "qemu-tcg" in page
+
+
+SPARSE = """\
+name: sparse
+sample_interval: 0.5s
+knobs: {max_page_sharing: 4096, pages_to_scan: 4096, sleep_millisecs: 20, smart_scan: 0}
+optional: [smart_scan]
+workload:
+  type: processes
+  count: 1
+  size: 8GiB
+  touched: 4MiB
+  full_scans: 3
+  steps:
+    - action: fill
+      patterns: [a]
+      expect: {pages_shared: 1, pages_sharing: 1023}
+    - action: unmerge
+      expect: {pages_shared: 0, pages_sharing: 0}
+"""
+
+
+@pytest.mark.realksm
+def test_sparse_mapping_scan_cost(tmp_path: Path, real_ksm: Ksm) -> None:
+    """8 GiB mapped (more than the memory left for it), 4 MiB touched: exact counts, and the
+    cost of a full scan measured."""
+    from kvmksm.commands.bench import bench
+    from kvmksm.results.record import load_record
+    from kvmksm.scenario import load as scenario
+
+    result = bench(scenario.loads(SPARSE), tmp_path / "out")
+    assert result.status == "passed", result.error
+    rec = load_record(result.record_dir)
+    cost = rec.meta.metrics["ksmd_cpu_per_full_scan_ms"]
+    assert cost["value"] is not None and cost["value"] > 0, cost
+    assert rec.meta.metrics["full_scan_s"]["value"] > 0
+    assert "3 full scans" in cost["note"]
