@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="libvirt URI, opened read-only (default: LIBVIRT_DEFAULT_URI, then qemu:///system)",
     )
     _experiment_parsers(sub)
+    _fleet_parser(sub)
     return ap
 
 
@@ -166,6 +167,46 @@ def _run_id(text: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{8}", text):
         raise argparse.ArgumentTypeError("expected the 8 hex digits of a run id, e.g. 0a1b2c3d")
     return text
+FLEET_EXIT = """exit status:
+  0    every host passed
+  1    a host failed, could not be reached or installed, or its run went wrong (each is
+       named in the table and in fleet.json); the other hosts still ran
+  2    bad input (inventory, scenario): no host was touched
+  130  interrupted: every host's run was stopped (SIGTERM: it restores its host), what it
+       recorded brought back"""
+
+
+def _fleet_parser(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser("fleet", help="one scenario on many hosts, through Ansible")
+    f_sub = f.add_subparsers(dest="fleet_command", metavar="ACTION")
+    f_sub.required = True
+    r = f_sub.add_parser(
+        "run",
+        help="run a scenario on every host of an Ansible inventory and gather the records",
+        epilog=FLEET_EXIT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("inventory", help="Ansible inventory (INI or YAML file, or a folder)")
+    r.add_argument("scenario", help="scenario YAML file or bundled name")
+    r.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="folder for the fleet folder (default: reports/; it goes in OUTPUT/<name>/)",
+    )
+    r.add_argument("--limit", metavar="PATTERN", help="only these hosts (Ansible's --limit)")
+    r.add_argument(
+        "--forks",
+        type=_positive_int,
+        metavar="N",
+        help="hosts worked on at once (default: all of them, up to 50)",
+    )
+    r.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write each record's report.html nor the kernel comparison",
+    )
 
 
 def _duration(text: str) -> float:
@@ -364,7 +405,6 @@ def _bench_experiment(
     sc: Any, path: str, args: argparse.Namespace, out: Console, progress: Any
 ) -> int:
     from kvmksm.commands.experiment import point_summaries, run_experiment
-    from kvmksm.views.experiment_pages import write_summaries
     from kvmksm.views.terminal import experiment_summary
 
     report = None if args.no_report else (lambda d: _write_report(d, progress))
@@ -373,6 +413,9 @@ def _bench_experiment(
         progress.warn(problem)
     written: list[Path] = []
     if not args.no_report:
+        # the pages need matplotlib, which a fleet host (bench --no-report) does not have
+        from kvmksm.views.experiment_pages import write_summaries
+
         try:
             written = write_summaries(result.dir)
         except Exception as e:  # the records are what matters; kvmksm compare rebuilds these
@@ -529,14 +572,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for line in gate.cannot_tell:  # before anything else: the figures below cannot decide
         err.print(f"kvmksm: {line}", markup=False, soft_wrap=True)
     html = compare_page(cmp, args.output or default_output(args.paths, "compare.html"))
+    kernels = None
+    if any(d["kind"] == "kernel" for d in cmp.differences):  # kernels side by side, too
+        from kvmksm.commands.kernels import kernel_comparison  # only when kernels differ
+        from kvmksm.views.kernels_page import kernels_page
+
+        kernels = kernels_page(kernel_comparison(cmp), html.with_name("kernels.html"))
     if args.json:
         doc = cmp.to_json() | {"gate": gate.to_json(), "html": str(html)}
+        if kernels:
+            doc["kernels_html"] = str(kernels)
         print(json.dumps(doc, indent=1, default=str))
     else:
         out = Console(highlight=False)
         comparison(cmp, out, said=gate.cannot_tell)
         gate_result(gate, out)
         out.print(f"report: {html}", soft_wrap=True, markup=False)
+        if kernels:
+            out.print(f"kernels: {kernels}", soft_wrap=True, markup=False)
     return gate.status
 
 
@@ -581,7 +634,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from kvmksm.commands.fleet import fleet_run
+    from kvmksm.scenario.load import resolve_path
+    from kvmksm.views.fleet import fleet_result, write_fleet_pages
+    from kvmksm.views.terminal import TerminalProgress
+
+    out = Console(highlight=False)
+    progress = TerminalProgress(Console(stderr=True, highlight=False))
+    result = fleet_run(
+        args.inventory,
+        str(resolve_path(args.scenario)),
+        args.output,
+        limit=args.limit,
+        forks=args.forks,
+        progress=progress,
+    )
+    pages = [] if args.no_report else write_fleet_pages(result.dir, progress)
+    fleet_result(result, out, pages)
+    return result.exit_code
+
+
 COMMANDS = {
+    "fleet": cmd_fleet,
     "compare": cmd_compare,
     "plan": cmd_plan,
     "bench": cmd_bench,

@@ -49,6 +49,6 @@ done
 virsh -c qemu:///system version >/dev/null || { echo "libvirtd did not come up" >&2; exit 1; }
 
 # Always (re)install the project: cheap when nothing changed, and it picks up new dependencies.
-say "installing kvmksm and its Python dependencies (pip install -e '.[vms,test]')"
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[vms,test]'
+say "installing kvmksm and its Python dependencies (pip install -e '.[vms,fleet,test]')"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[vms,fleet,test]'
 say "ready: $(virsh -c qemu:///system version --daemon 2>/dev/null | grep -m1 'daemon' || true)"

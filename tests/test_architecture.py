@@ -23,6 +23,8 @@ LAYERS = [
         "kvmksm.signals",
         "kvmksm.security",
         "kvmksm.guest",  # programs run inside guests: they import nothing of kvmksm
+        # Ansible's callback plugin of kvmksm fleet: package data Ansible loads; no kvmksm import
+        "kvmksm.fleet",
     ),
     ("kvmksm.host",),
     ("kvmksm.scenario",),

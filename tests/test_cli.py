@@ -48,7 +48,8 @@ def test_missing_scenario_file() -> None:
     assert p.returncode == 2
     assert p.stderr.strip() == (
         "kvmksm: no-such-scenario.yaml: no such scenario file (bundled scenarios: debian-churn, "
-        "debian-sweep, debian3, fedora3, ltp-ksm03, sweep-processes, tiny-sweep, tiny3)"
+        "debian-sweep, debian3, fedora3, ltp-ksm03, ltp-ksm03-small, scan-cost-sparse, "
+        "sweep-processes, tiny-sweep, tiny3)"
     )
 
 

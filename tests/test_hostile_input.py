@@ -408,7 +408,8 @@ def test_validate_checks_every_file_and_every_problem(tmp_path: Path) -> None:
         f"{bad}:2: knobs.pages_to_scan: expected a whole number from 1 to 4294967295 (0 would "
         "make ksmd scan nothing), got 0",
         f"{tmp_path / 'none.yaml'}: no such scenario file (bundled scenarios: debian-churn, "
-        "debian-sweep, debian3, fedora3, ltp-ksm03, sweep-processes, tiny-sweep, tiny3)",
+        "debian-sweep, debian3, fedora3, ltp-ksm03, ltp-ksm03-small, scan-cost-sparse, "
+        "sweep-processes, tiny-sweep, tiny3)",
         f"{latin}:1: expected UTF-8 text, found byte 0xe9 at column 17 (save the file as UTF-8)",
     ]
     assert p.stdout.splitlines() == [

@@ -4,6 +4,7 @@ bundled scenarios and templates come along, and the commands find them."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import venv
@@ -50,11 +51,29 @@ def test_plain_install_is_not_the_checkout(installed: Path, tmp_path: Path) -> N
 
 
 def test_bundled_scenarios_from_another_folder(installed: Path, tmp_path: Path) -> None:
-    for name in ("tiny3", "ltp-ksm03", "fedora3", "tiny-sweep", "sweep-processes", "debian3",
-                 "debian-sweep", "debian-churn"):  # fmt: skip
+    bundled = "tiny3 ltp-ksm03 fedora3 tiny-sweep sweep-processes debian3 debian-sweep debian-churn"
+    for name in (*bundled.split(), "ltp-ksm03-small", "scan-cost-sparse"):
         proc = kvmksm(installed, "validate", name, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith(f"{name}: ok")
+
+
+def test_fleet_playbooks_come_along(installed: Path, tmp_path: Path) -> None:
+    """kvmksm fleet sends its playbooks and Ansible loads its callback plugin from the package."""
+    code = (
+        "import json; from kvmksm.commands.fleet_ansible import FLEET_DATA, CALLBACKS; "
+        "print(json.dumps([str(FLEET_DATA), sorted(p.name for p in FLEET_DATA.glob('*.yml')), "
+        "sorted(p.name for p in CALLBACKS.glob('*.py'))]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [installed / "bin" / "python", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+        env=env,
+    )  # fmt: skip
+    where, books, callbacks = json.loads(proc.stdout)
+    assert str(installed) in where
+    assert books == ["probe.yml", "run.yml", "stop.yml"]
+    assert callbacks == ["kvmksm_fleet_log.py"]
 
 
 def test_report_templates_come_along(installed: Path, tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ BAD = [
     (
         "foo: 1\nworkload: {type: processes, count: 3, size: 1MiB, steps: [{action: stop}]}\n",
         "bad.yaml:1: foo: unknown field (expected one of: name, description, sample_interval, "
-        "knobs, workload, repeats, matrix)",
+        "knobs, workload, repeats, matrix, optional)",
     ),
     (
         "workload:\n  type: processes\n  size: 1MiB\n  steps: [{action: stop}]\n",

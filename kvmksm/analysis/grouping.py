@@ -74,6 +74,10 @@ def config_of(record: Record) -> dict[str, str]:
         if k not in IGNORED_HOST:
             out[f"host.{k}"] = _text(v)
     out["tool.version"] = _text(meta.tool.get("version"))
+    if meta.skipped:  # optional knobs and expectations this kernel lacks (scenario.portable)
+        out["skipped"] = ", ".join(
+            dict.fromkeys(f"{x.get('name')} ({x.get('kind')})" for x in meta.skipped)
+        )
     return out
 
 
@@ -173,7 +177,10 @@ def label_groups(groups: list[Group], diffs: list[dict[str, Any]], by_argument: 
     """Each group's label: the (up to three) fields that tell it apart."""
     telling = [d for d in diffs if not d["soft"] and not d["field"].startswith("tool.")]
     # Knobs and sizes first: in a sweep they are the point; then kernel, host, the rest.
+    # When the kernel differs it leads: knobs a kernel lacks then differ only because of it.
     order = {"knobs": 0, "scenario": 1, "kernel": 2, "host": 3}
+    if any(d["kind"] == "kernel" for d in telling):
+        order = {"kernel": -1, **{k: v for k, v in order.items() if k != "kernel"}}
     telling.sort(key=lambda d: order.get(d["kind"], 4))
     for g in groups:
         parts = [

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kvmksm.analysis.per_guest import VmAnalysis, vm_analysis
+from kvmksm.analysis.scan_cost import scan_cost
 from kvmksm.analysis.windows import (
     MIB,
     Windows,
@@ -44,6 +45,8 @@ COMPARED: dict[str, str] = {
     "mib_per_cpu_s": "higher",
     "general_profit_mib": "higher",
     "unmerge_s": "lower",
+    "ksmd_cpu_per_full_scan_ms": "lower",
+    "full_scan_s": "lower",
 }
 
 
@@ -87,6 +90,7 @@ def analyse(record: Record) -> Analysis:
     m |= _speed(record, w, saved, plateau)
     m |= _cost(record, w, plateau)
     m |= _scanning(record, w)
+    m |= _scan_cost(record)
     vm = vm_analysis(record, w)
     if vm is not None:
         m["vm_coverage_pct"] = metric(
@@ -416,6 +420,29 @@ def _cost(record: Record, w: Windows, plateau: float | None) -> dict[str, dict[s
         "" if unmerge is not None else "the run did not unmerge (run=2)",
     )
     return m
+
+
+def _scan_cost(record: Record) -> dict[str, dict[str, Any]]:
+    cost = scan_cost(record, ksmd_cpu_seconds)
+    per_scan, note = cost["ksmd_cpu_per_full_scan_ms"]
+    wall, _ = cost["full_scan_s"]
+    return {
+        "ksmd_cpu_per_full_scan_ms": metric(
+            "ksmd CPU per full scan",
+            per_scan,
+            "ms",
+            "ksmd CPU time from KSM on to the last round's full scans / the full scans done; "
+            "grows with the mergeable areas walked, mapped or not.",
+            note,
+        ),
+        "full_scan_s": metric(
+            "Time per full scan",
+            wall,
+            "s",
+            "Wall time from KSM on to the last round's full scans / the full scans done.",
+            note,
+        ),
+    }
 
 
 def _scanning(record: Record, w: Windows) -> dict[str, dict[str, Any]]:

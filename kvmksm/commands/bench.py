@@ -20,6 +20,7 @@ from kvmksm.results.files import OutputError
 from kvmksm.results.record import RunRecord, load_record
 from kvmksm.sampling.sampler import Sampler
 from kvmksm.scenario.model import ProcessesWorkload, Scenario
+from kvmksm.scenario.portable import fit, summary
 from kvmksm.signals import signals_ignored, signals_raise
 from kvmksm.virt import libvirt_missing
 from kvmksm.workloads.base import RunContext, Workload
@@ -41,6 +42,12 @@ class BenchResult:
 def exit_code(status: str) -> int:
     """0 when every check passed, 130 when interrupted, 1 otherwise (2 is for bad input)."""
     return {"passed": 0, "interrupted": 130}.get(status, 1)
+
+
+def fit_to_host(sc: Scenario, ksm: Ksm) -> tuple[Scenario, list[dict[str, Any]]]:
+    """The scenario as this kernel can run it: optional knobs and expectations it lacks
+    dropped, and the list of what was (scenario.portable)."""
+    return fit(sc, set(ksm.files()), ksm.fs.kernel_release())
 
 
 def make_workload(sc: Scenario, connect: str | None = None) -> Workload:
@@ -68,6 +75,8 @@ def bench(
     ksm = Ksm(fs)
     # Everything below until the lock only reads the host.
     ksm.require_writable()
+    # Optional knobs and expectations this kernel lacks are dropped here (and recorded).
+    sc, skipped = fit_to_host(sc, ksm)
     ksm.check_knobs(sc.knobs, where=f"{scenario_file or sc.name}: knobs: ")
     workload = workload or make_workload(sc, connect)
     workload.preflight(fs, ksm)  # raises UserError; reads the host, changes nothing
@@ -75,7 +84,7 @@ def bench(
     lock.acquire(f"scenario {sc.name}")
     try:
         _refuse_after_killed_run()
-        return _run_locked(sc, output, scenario_file, fs, ksm, progress, workload)
+        return _run_locked(sc, output, scenario_file, fs, ksm, progress, workload, skipped)
     finally:
         lock.release()
 
@@ -99,6 +108,7 @@ def _run_locked(
     ksm: Ksm,
     progress: Progress,
     workload: Workload,
+    skipped: list[dict[str, Any]] | None = None,
 ) -> BenchResult:
     record = RunRecord.create(output, sc.model_dump(mode="json"), scenario_file)
     active = ActiveRun()
@@ -114,6 +124,9 @@ def _run_locked(
         try:
             record.event(Kind.RUN_START, f"scenario {sc.name}")
             workload.start_early(ctx)  # e.g. processes start while the knobs are set
+            if skipped:
+                record.update(skipped=skipped)
+                record.event(Kind.SKIPPED, summary(skipped), skipped=skipped)
             _note_other_users(ctx)
             if ksm.read("run") != 0:
                 ksm.write("run", 0)  # the workload decides when ksmd runs

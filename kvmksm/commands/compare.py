@@ -30,6 +30,7 @@ from kvmksm.errors import UserError
 from kvmksm.results.collect import iter_records
 from kvmksm.results.events import Kind
 from kvmksm.results.experiment import is_experiment
+from kvmksm.results.fleet import is_fleet
 
 JSON_FORMAT = 1  # version of the document `kvmksm compare --json` prints
 # How each figure of a group is aggregated over its repeats. A per-run ratio is averaged as a
@@ -138,6 +139,14 @@ def _warnings(groups: list[Group], diffs: list[dict[str, Any]]) -> list[str]:
             "different hosts: CPU, memory and firmware differ along with whatever else "
             "differs; compare kernels on one host where you can"
         )
+    machine = [f for f in ("host.cpu_model", "host.virtualization", "host.cpus") if f in fields]
+    if machine:
+        out.append(
+            "timings not comparable between every group: they ran on different machines ("
+            + ", ".join(f.removeprefix("host.") for f in machine)
+            + " differ); memory saved and exact counts are, time to steady and ksmd CPU are "
+            "only within one kind of machine"
+        )
     few = [g.id for g in groups if len(g.runs) < MIN_REPEATS]
     if few and len(groups) > 1:
         out.append(
@@ -201,7 +210,7 @@ def _metrics(groups: list[Group], alpha: float) -> list[dict[str, Any]]:
 
 def default_output(paths: Sequence[str | Path], name: str) -> Path:
     """Inside the experiment when comparing one; else in the current folder."""
-    if len(paths) == 1 and is_experiment(Path(paths[0])):
+    if len(paths) == 1 and (is_experiment(Path(paths[0])) or is_fleet(Path(paths[0]))):
         return Path(paths[0]) / name
     return Path(name)
 

@@ -22,7 +22,7 @@ from kvmksm import __version__
 from kvmksm.analysis.grouping import USABLE, make_run
 from kvmksm.analysis.pareto import pareto_front
 from kvmksm.analysis.stats import mean_sd
-from kvmksm.commands.bench import bench, exit_code, make_workload
+from kvmksm.commands.bench import bench, exit_code, fit_to_host, make_workload
 from kvmksm.errors import Interrupted, UserError
 from kvmksm.host.facts import host_facts
 from kvmksm.host.fs import HostFS
@@ -128,7 +128,12 @@ def run_experiment(
     """Run every point x repeat; `report(run_dir)` (a view) is called after each run."""
     fs = fs or HostFS()
     progress = progress or Silent()
-    factory = workload_factory or (lambda s: make_workload(s, connect))
+    base_factory = workload_factory or (lambda s: make_workload(s, connect))
+
+    def factory(s: Scenario) -> Workload:
+        # Optional knobs and expectations this kernel lacks are dropped, as bench does.
+        return base_factory(fit_to_host(s, Ksm(fs))[0])
+
     plans = expand(sc)
     _preflight(sc, plans, fs, factory, scenario_file)
 
@@ -249,7 +254,8 @@ def _preflight(
         if p.point in seen:
             continue
         seen.add(p.point)
-        ksm.check_knobs(p.scenario.knobs, where=f"{scenario_file or sc.name}: knobs: ")
+        fitted = fit_to_host(p.scenario, ksm)[0]
+        ksm.check_knobs(fitted.knobs, where=f"{scenario_file or sc.name}: knobs: ")
         factory(p.scenario).preflight(fs, ksm)
 
 

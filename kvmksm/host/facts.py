@@ -32,7 +32,22 @@ def host_facts(fs: HostFS | None = None) -> dict[str, Any]:
         text = _read(fs, f"sys/kernel/mm/transparent_hugepage/{name}")
         facts[f"thp_{name}"] = parse_value(text) if text else None
     facts["numa_nodes"] = _count_nodes(fs)
+    facts["virtualization"] = virtualization(fs, facts["cpu_model"])
     return facts
+
+
+def virtualization(fs: HostFS, cpu_model: str | None = None) -> str:
+    """What this kernel runs on, as far as it can tell: "none" (no hypervisor flag: bare
+    metal), "qemu-tcg" (QEMU's software emulation), or "vm" with what names the hypervisor.
+    Timings are only comparable between hosts that say the same here and have one CPU model."""
+    text = _read(fs, "proc/cpuinfo") or ""
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    if "hypervisor" not in flags.split():
+        return "none"
+    if cpu_model and "TCG" in cpu_model:
+        return "qemu-tcg"
+    vendor = _read(fs, "sys/class/dmi/id/sys_vendor") or _read(fs, "sys/hypervisor/type")
+    return f"vm ({vendor})" if vendor else "vm"
 
 
 def tool_version(cmd: list[str]) -> str | None:

@@ -66,6 +66,13 @@ class HostFS:
     def vmstat(self) -> dict[str, int]:
         return parse_keyvalue(self.read("proc/vmstat"))
 
+    def kernel_release(self) -> str:
+        """The running kernel's release (``uname -r``) as this tree says it."""
+        try:
+            return self.read("proc/sys/kernel/osrelease").strip()
+        except OSError:
+            return os.uname().release
+
 
 def parse_meminfo(text: str) -> dict[str, int]:
     out: dict[str, int] = {}

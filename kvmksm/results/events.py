@@ -24,6 +24,7 @@ class Kind(StrEnum):
     OTHER_KSM_USERS = "other_ksm_users"
     RECORD_UNWRITABLE = "record_unwritable"  # the results folder is full or read-only
     CLEANED = "cleaned"  # `kvmksm clean` finished the record of a run that was killed
+    SKIPPED = "skipped"  # optional knobs or expectations this kernel lacks
     # KSM and its knobs
     KSM_OFF = "ksm_off"
     KSM_ON = "ksm_on"

@@ -56,6 +56,7 @@ class Host(Meta):
     page_size: int = DEFAULT_PAGE
     mem_total_kb: int | None = None
     thp_enabled: str | None = None
+    virtualization: str | None = None  # none, qemu-tcg, vm (...): see host.facts
 
 
 class Guest(Meta):
@@ -137,6 +138,8 @@ class RunMeta(Meta):
     churn: dict[str, Any] | None = None  # the churn program per guest, its rate achieved
     guest_probe: dict[str, Any] | None = None  # write latency with KSM off and on
     experiment: ExperimentRef | None = None
+    # Optional knobs and expectations this kernel lacks, not set and not judged.
+    skipped: list[dict[str, Any]] = Field(default_factory=list)
 
     @property
     def workload(self) -> Workload:

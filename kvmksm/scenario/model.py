@@ -53,6 +53,18 @@ def _check_knob_keys(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
+def _check_optional(v: list[str]) -> list[str]:
+    for key in v:
+        if key == "run":
+            raise ValueError("'run' is on every kernel with KSM: it cannot be optional")
+        if key not in KNOWN_KNOBS and key not in KNOWN_COUNTERS:
+            raise ValueError(
+                f"unknown KSM knob or counter {key!r} (expected names such as smart_scan, "
+                "advisor_mode, ksm_zero_pages, general_profit, pages_scanned)"
+            )
+    return v
+
+
 # -- the processes workload ---------------------------------------------------------
 class PatternSpec(Strict):
     """What one process writes into its whole mapping."""
@@ -130,6 +142,9 @@ class ProcessesWorkload(Strict):
     type: Literal["processes"]
     count: int = Field(ge=1, le=1024)
     size: Size = Field(gt=0)
+    # Fill (and verify) only the first `touched` bytes of each mapping: the rest is never
+    # faulted in, a large sparse MADV_MERGEABLE area that ksmd must still walk every pass.
+    touched: Size | None = Field(default=None, gt=0)
     cgroup: CgroupSpec | None = None
     full_scans: int = Field(default=3, ge=1)  # per round, as LTP
     scan_timeout: Duration = 300.0
@@ -284,6 +299,9 @@ class Scenario(Strict):
     # An experiment: every point of the matrix (cross product of the axes), `repeats` times.
     repeats: int = Field(default=1, ge=1, le=1000)
     matrix: dict[str, Annotated[list[int | str], Field(min_length=1)]] = {}
+    # Knobs and counters only some kernels have: where this kernel lacks one, its knob is not
+    # set and its expectations are not judged, and the record says so (scenario.portable).
+    optional: Annotated[list[str], AfterValidator(_check_optional)] = []
 
 
 # -- rules across fields -------------------------------------------------------------
@@ -322,6 +340,8 @@ def semantic_problems(s: Scenario) -> list[tuple[tuple[Any, ...], str]]:
                         "repeated to each count)",
                     )
                 )
+        if w.touched is not None and w.touched > w.size:
+            out.append((("workload", "touched"), f"expected at most size ({w.size} bytes)"))
         counts = [v for v in s.matrix.get("count", []) if isinstance(v, int)]
         if w.cgroup and counts and w.cgroup.memory_limit < max(counts) * w.size:
             out.append(
@@ -336,6 +356,14 @@ def semantic_problems(s: Scenario) -> list[tuple[tuple[Any, ...], str]]:
                     ("workload", "cgroup", "memory_limit"),
                     f"expected at least count x size = {w.count * w.size} bytes, or the "
                     "processes would be killed by the OOM killer",
+                )
+            )
+    for key in s.optional:
+        if key in s.matrix:
+            out.append(
+                (
+                    ("matrix", key),
+                    f"{key} is optional (only some kernels have it): it cannot be an axis",
                 )
             )
     if isinstance(w, VmsWorkload) and w.guest_fill and w.memory and w.guest_fill.size >= w.memory:

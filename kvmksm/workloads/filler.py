@@ -1,6 +1,8 @@
 """The child side of the processes workload: one anonymous MADV_MERGEABLE mapping,
-filled and verified on command. Run as `python -m kvmksm.workloads.filler SIZE INDEX`;
-it imports nothing heavy, so a child starts in a few tens of milliseconds."""
+filled and verified on command. Run as `python -m kvmksm.workloads.filler SIZE INDEX
+[TOUCHED]`: only the first TOUCHED bytes are ever written or read (a sparse mapping, reserved
+with MAP_NORESERVE so it may be larger than memory). It imports nothing heavy, so a child
+starts in a few tens of milliseconds."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import traceback
 from typing import Any
 
 CHUNK = 1 << 20
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 3.11 lacks it
 
 
 def content(pattern: dict[str, Any], index: int, round_no: int, size: int) -> bytes | None:
@@ -24,11 +27,13 @@ def content(pattern: dict[str, Any], index: int, round_no: int, size: int) -> by
     return None
 
 
-def fill(m: mmap.mmap, pattern: dict[str, Any], index: int, round_no: int) -> None:
-    size = len(m)
+def fill(
+    m: mmap.mmap, pattern: dict[str, Any], index: int, round_no: int, size: int | None = None
+) -> None:
+    size = len(m) if size is None else size
     data = content(pattern, index, round_no, size)
     if data is not None:
-        m[:] = data
+        m[:size] = data
         return
     chunk = bytes([pattern["byte"]]) * CHUNK
     for off in range(0, size, CHUNK):
@@ -38,9 +43,11 @@ def fill(m: mmap.mmap, pattern: dict[str, Any], index: int, round_no: int) -> No
         m[size - 1] = pattern["last_byte"]
 
 
-def verify(m: mmap.mmap, pattern: dict[str, Any], index: int, round_no: int) -> int | None:
+def verify(
+    m: mmap.mmap, pattern: dict[str, Any], index: int, round_no: int, size: int | None = None
+) -> int | None:
     """First offset whose byte differs from what was written, or None."""
-    size = len(m)
+    size = len(m) if size is None else size
     data = content(pattern, index, round_no, size)
     chunk = b"" if data is not None else bytes([pattern["byte"]]) * CHUNK
     for off in range(0, size, CHUNK):
@@ -55,7 +62,7 @@ def verify(m: mmap.mmap, pattern: dict[str, Any], index: int, round_no: int) -> 
     return None
 
 
-def child_main(size: int, index: int) -> None:
+def child_main(size: int, index: int, touched: int | None = None) -> None:
     """Serve commands, one JSON line each on stdin; answer one JSON line each on stdout."""
     # Ctrl-C goes to the whole process group; the parent decides when children end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -66,8 +73,17 @@ def child_main(size: int, index: int) -> None:
         out.flush()
 
     try:
-        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        touched = size if touched is None else min(touched, size)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if touched < size:
+            flags |= MAP_NORESERVE  # most of it is never touched: do not account for it
+        m = mmap.mmap(-1, size, flags=flags)
         m.madvise(mmap.MADV_MERGEABLE)
+        if touched < size:
+            # No transparent huge pages: a huge page at the edge of the touched part would
+            # bring zero-filled pages with it (where the kernel does not align the mapping),
+            # and their merging would spoil exact counts.
+            m.madvise(mmap.MADV_NOHUGEPAGE)
         reply("ready", os.getpid())
         pattern: dict[str, Any] = {}
         round_no = 0
@@ -76,10 +92,10 @@ def child_main(size: int, index: int) -> None:
             t = time.monotonic()
             if cmd == "fill":
                 round_no, pattern = arg
-                fill(m, pattern, index, round_no)
+                fill(m, pattern, index, round_no, touched)
                 reply("filled", time.monotonic() - t)
             elif cmd == "verify":
-                bad = verify(m, pattern, index, round_no)
+                bad = verify(m, pattern, index, round_no, touched)
                 reply("verified", [bad, time.monotonic() - t])
             elif cmd == "exit":
                 reply("bye")
@@ -89,4 +105,4 @@ def child_main(size: int, index: int) -> None:
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]), int(sys.argv[2]))
+    child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -27,7 +27,8 @@ class ProcessesRun(Workload):
         self.cgroup: MemoryCgroup | None = None
 
     def preflight(self, fs: HostFS, ksm: Ksm) -> None:
-        require_fits(fs, self.spec.count, self.spec.size, "processes")
+        each = self.spec.touched or self.spec.size  # a sparse mapping needs only what is touched
+        require_fits(fs, self.spec.count, each, "processes")
         for i, step in enumerate(self.spec.steps):
             require_counters(fs, ksm, step.expect, f"workload.steps[{i}].expect")
         if self.spec.cgroup:
@@ -41,6 +42,7 @@ class ProcessesRun(Workload):
         ctx.record.event(
             Kind.WORKLOAD_START,
             f"{spec.count} processes x {format_size(spec.size)}"
+            + (f" ({format_size(spec.touched)} touched)" if spec.touched else "")
             + (f" in memory cgroup v{self.cgroup.version}" if self.cgroup else ""),
         )
         for i, step in enumerate(spec.steps, 1):
@@ -91,7 +93,14 @@ class ProcessesRun(Workload):
             # and nothing of kvmksm's heavier imports in the child.
             self.children.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "kvmksm.workloads.filler", str(spec.size), str(i)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "kvmksm.workloads.filler",
+                        str(spec.size),
+                        str(i),
+                        str(spec.touched or spec.size),
+                    ],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
