@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from kvmksm.host.ksm import Ksm
 from kvmksm.host.paths import DEFAULT_DATA_DIR
 from kvmksm.virt import debian_image
 from kvmksm.virt.base_image import BuiltImage
+from kvmksm.virt.cleanup import find_leftovers, remove_leftovers
 from kvmksm.virt.conn import alive, open_connection
 from kvmksm.virt.tiny_image import DEFAULT_NAME, TinyImage, build_image
 
@@ -71,6 +73,7 @@ class _Libvirt:
 
     def __init__(self) -> None:
         self.conn: libvirt.virConnect | None = None
+        self.swept = False
 
     def get(self) -> libvirt.virConnect:
         if not alive(self.conn):
@@ -79,7 +82,28 @@ class _Libvirt:
             except UserError as e:
                 pytest.fail(f"{e} (run scripts/setup.sh, or deselect with -m 'not libvirt')")
         assert self.conn is not None
+        if not self.swept:
+            self.swept = True
+            self._sweep(self.conn)
         return self.conn
+
+    @staticmethod
+    def _sweep(conn: libvirt.virConnect) -> None:
+        """What a killed kvmksm run left on this host (a machine image taken mid-run, a
+        session stopped) is removed first, as `kvmksm clean` would, under the real-KSM lock so
+        no other test session's guests are in the middle of a run. The tests then assert that
+        they themselves leave nothing behind."""
+        with _REAL_KSM.held():
+            left = find_leftovers(conn)
+            if left.empty():
+                return
+            problems = remove_leftovers(conn, left)
+        warnings.warn(
+            "removed what earlier kvmksm runs left on this host: "
+            + ", ".join(left.describe())
+            + (f" (not removed: {'; '.join(problems)})" if problems else ""),
+            stacklevel=1,
+        )
 
     def close(self) -> None:
         if self.conn is not None:
