@@ -51,7 +51,13 @@ DATA=${KVMKSM_DATA_DIR:-/var/lib/kvmksm}
 KEY=${KVMKSM_FLEET_KEY:-$DATA/ssh/id_ed25519}
 
 for pkg in "${KERNELS[@]}"; do
-  name="kvmksm-fleet-$(printf '%s' "${pkg#linux-image-}" | tr -c 'A-Za-z0-9.\n-' '-')"
+  # Debian's default kernel is the plain Debian base (the one the tests and debian3 use: built
+  # once); another kernel gets a base of its own.
+  if [ "$pkg" = linux-image-amd64 ]; then
+    name=kvmksm-debian
+  else
+    name="kvmksm-debian-$(printf '%s' "${pkg#linux-image-}" | tr -c 'A-Za-z0-9.\n-' '-')"
+  fi
   say "guest image $name (kernel package $pkg)"
   kvmksm image build debian --kernel "$pkg" --name "$name" >&2
   GUESTS+=("$DATA/images/$name.qcow2:$DATA/images/$name.vmlinuz:$DATA/images/$name.initrd")

@@ -203,6 +203,26 @@ def assert_report(run_json: Path) -> None:
     assert (run_json.parent / "report.html").stat().st_size > 0
 
 
+def note(fault: str, rc: int, meta: dict[str, Any], said: str) -> None:
+    """One row of bench/RESULTS.md's fault table (bench/bench_faults.py sets the file): what
+    the fault gave, written once the test has checked the host was put back."""
+    path = os.environ.get("KVMKSM_FAULT_TABLE")
+    if not path:
+        return
+    events = [k for k in kinds(meta) if k in FAULT_EVENTS]
+    row = {"fault": fault, "exit": rc, "status": meta.get("status"), "events": events}
+    row["said"] = said.strip().splitlines()[-1] if said.strip() else ""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# The events that tell a fault's story (the table leaves out the ones every run has).
+FAULT_EVENTS = (
+    "guest_lost", "libvirt_lost", "libvirt_reconnected", "record_unwritable", "interrupted",
+    "cleaned", "steady",
+)  # fmt: skip
+
+
 def utc(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -267,6 +287,7 @@ def test_sigkill_at_each_phase_then_clean(
     assert kinds(meta)[-1] == "cleaned"
     assert_report(b.run_json)  # type: ignore[arg-type]
     host.assert_restored(run)
+    note(f"SIGKILL while {phase}, then `kvmksm clean --run ID`", rc, meta, meta["error"])
 
 
 # -- SIGTERM, and a second bench meanwhile -----------------------------------------------------
@@ -293,6 +314,8 @@ def test_sigterm_and_a_second_bench_meanwhile(
         assert kind in kinds(meta), kind
     assert_report(first.run_json)  # type: ignore[arg-type]
     host.assert_restored(first.run_id())
+    note("a second bench while one runs", second.returncode, {"events": []}, second.stderr)
+    note("SIGTERM while KSM is on", rc, meta, meta["error"])
 
 
 # -- a guest's QEMU killed after KSM went on ---------------------------------------------------
@@ -338,6 +361,7 @@ def test_guest_killed_after_ksm_on_is_lost_at_once(
     assert (vm["domain"] == guest["name"]).any()
     assert_report(b.run_json)  # type: ignore[arg-type]
     host.assert_restored(b.run_id())
+    note("a guest's QEMU killed (kill -9) after KSM went on", rc, meta, line)
 
 
 # -- libvirtd killed and started again mid-run -------------------------------------------------
@@ -398,6 +422,8 @@ def test_libvirtd_restarted_mid_run_reconnects_and_passes(
     assert "guest_lost" not in k
     assert_report(b.run_json)  # type: ignore[arg-type]
     host.assert_restored(b.run_id())
+    lost = next(e for e in meta["events"] if e["kind"] == "libvirt_reconnected")
+    note("libvirtd killed just after KSM went on, started 5 s later", rc, meta, lost["detail"])
 
 
 # -- the results folder full -------------------------------------------------------------------
@@ -437,6 +463,7 @@ def test_results_folder_full_before_and_during_a_run(
         assert str(small / "out") in r.stderr
         assert list(small.iterdir()) == []
         assert real_ksm.read_knobs() == host.knobs and ActiveRun.load() is None
+        note("results folder on a 256 KiB tmpfs", r.returncode, {"events": []}, r.stderr)
 
     # Big enough to start; filled up by someone else once KSM is on.
     with tmpfs(tmp_path / "fs", "8m") as fs:
@@ -460,4 +487,6 @@ def test_results_folder_full_before_and_during_a_run(
         assert not (run_dir / ".reserve").exists()
         (fs / "filler").unlink()
         assert_report(b.run_json)  # type: ignore[arg-type]
-    host.assert_restored(b.run_id())
+        run = b.run_id()  # from the record, while the tmpfs holding it is still mounted
+    host.assert_restored(run)
+    note("results folder (8 MiB tmpfs) filled up after KSM went on", rc, meta, meta["error"])

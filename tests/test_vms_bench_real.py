@@ -111,6 +111,9 @@ def test_tiny_clones_merge_and_leave_nothing(
     assert ActiveRun.load() is None
 
 
+GUEST_RAM = 136 << 20  # the scenario's memory: each QEMU's guest RAM mapping
+
+
 def _assert_sharing(meta: dict, html: str) -> None:
     """Who shares with whom and the potential, taken after the plateau window: the matrix
     sums to the global counters (within 1%, as the reconciliation), the potential lies
@@ -125,7 +128,7 @@ def _assert_sharing(meta: dict, html: str) -> None:
     assert s["pairs"][0][1] == s["pairs"][1][0] > 0
     assert s["mappings"] - s["frames"] == s["saved"] >= 32640
     for g in s["per_guest"]:
-        assert g["ram"]["size"] == 256 << 20 and g["ram_mergeable"]
+        assert g["ram"]["size"] == GUEST_RAM and g["ram_mergeable"]
     checks = {c["name"]: c for c in s["checks"]}
     for g in names:  # each guest's mappings against its own ksm_merging_pages
         assert checks[f"{g}: KSM mappings = ksm_merging_pages"]["passed"], checks
@@ -139,11 +142,11 @@ def _assert_sharing(meta: dict, html: str) -> None:
         total = s["mappings"] + s["other_ksm_users"]["merging_pages"]
         glob = c["pages_shared"] + c["pages_sharing"]
         assert abs(total - glob) <= 0.01 * glob, s
-    pages = 2 * (256 << 20) // 4096
+    pages = 2 * GUEST_RAM // 4096
     assert p["achieved"] <= p["potential"] <= pages
     assert p["potential_within_max_page_sharing"] <= p["potential"]
     assert abs(p["achieved"] - s["saved"]) <= 0.01 * s["saved"]  # two passes, one plateau
-    assert p["bytes_read"] <= 2 * (256 << 20)
+    assert p["bytes_read"] <= 2 * GUEST_RAM
     assert '<section id="sharing">' in html and 'id="chart-sharing"' in html
 
 
