@@ -17,11 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from kvmksm.errors import UserError
 from kvmksm.results.files import read_json, write_json
-from kvmksm.results.meta import Host, Meta, ScenarioMeta
+from kvmksm.results.meta import Host, Meta, ScenarioMeta, parse_index
 from kvmksm.results.record import RUN_JSON, Record, annotate, load_record, new_dir
 
 FORMAT = 1
@@ -85,18 +84,7 @@ def save_index(exp_dir: Path, index: dict[str, Any]) -> None:
 
 def load_index(exp_dir: str | Path) -> ExperimentMeta:
     path = Path(exp_dir) / INDEX
-    data = read_json(path, "experiment")
-    if not isinstance(data, dict) or data.get("kind") != "experiment":
-        raise UserError(f"{path}: not a kvmksm experiment index")
-    version = data.get("format")
-    if not isinstance(version, int) or version > FORMAT:
-        raise UserError(f"{path}: experiment format {version} is newer than this kvmksm")
-    try:
-        return ExperimentMeta.model_validate(data)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"{path}: {loc}: {err['msg'].lower()}") from None
+    return parse_index(read_json(path, "experiment"), path, "experiment", ExperimentMeta, FORMAT)
 
 
 def load_runs(exp_dir: str | Path) -> list[tuple[RunEntry, Record]]:

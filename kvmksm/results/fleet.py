@@ -16,11 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from kvmksm.errors import UserError
 from kvmksm.results.files import read_json, write_json
-from kvmksm.results.meta import Meta, ScenarioMeta
+from kvmksm.results.meta import Meta, ScenarioMeta, parse_index
 from kvmksm.results.record import new_dir
 
 FORMAT = 1
@@ -92,18 +91,7 @@ def save_index(fleet_dir: Path, index: dict[str, Any]) -> None:
 
 def load_index(fleet_dir: str | Path) -> FleetMeta:
     path = Path(fleet_dir) / INDEX
-    data = read_json(path, "fleet")
-    if not isinstance(data, dict) or data.get("kind") != "fleet":
-        raise UserError(f"{path}: not a kvmksm fleet index")
-    version = data.get("format")
-    if not isinstance(version, int) or version > FORMAT:
-        raise UserError(f"{path}: fleet format {version} is newer than this kvmksm")
-    try:
-        return FleetMeta.model_validate(data)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"{path}: {loc}: {err['msg'].lower()}") from None
+    return parse_index(read_json(path, "fleet"), path, "fleet", FleetMeta, FORMAT)
 
 
 def host_dirs(fleet_dir: str | Path) -> list[tuple[HostEntry, Path]]:

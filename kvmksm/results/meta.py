@@ -7,7 +7,7 @@ allowed) so nothing is lost when an older reader looks at a newer record of the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -162,3 +162,22 @@ def parse_meta(data: Any, where: str) -> RunMeta:
         err = e.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(top)"
         raise UserError(f"{where}: {loc}: {err['msg'].lower()}: not a usable run record") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_index(data: Any, path: Any, kind: str, model: type[M], newest: int) -> M:
+    """Validate a folder's index document (experiment.json, fleet.json): of this ``kind``, no
+    newer than ``newest``, fields as ``model`` says; one line naming what is wrong."""
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise UserError(f"{path}: not a kvmksm {kind} index")
+    version = data.get("format")
+    if not isinstance(version, int) or version > newest:
+        raise UserError(f"{path}: {kind} format {version} is newer than this kvmksm")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{path}: {loc}: {err['msg'].lower()}") from None

@@ -30,10 +30,12 @@ def resolve_uri(cli: str | None = None, scenario: str | None = None) -> str:
     return cli or os.environ.get("LIBVIRT_DEFAULT_URI") or scenario or DEFAULT_URI
 
 
-def open_connection(uri: str) -> libvirt.virConnect:
-    """A read-write connection, or a UserError that says how to get one."""
+def open_connection(uri: str, read_only: bool = False) -> libvirt.virConnect:
+    """A connection, or a UserError that says how to get one. ``read_only``
+    (virConnectOpenReadOnly): libvirt itself refuses every change through it, for commands
+    that only look (doctor, watch)."""
     try:
-        return libvirt.open(uri)
+        return libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
     except libvirt.libvirtError as e:
         hint = ""
         if uri.startswith("qemu") and "socket" in str(e).lower():
@@ -77,17 +79,8 @@ def reconnect(
 
 
 def open_read_only(uri: str) -> libvirt.virConnect:
-    """A read-only connection (virConnectOpenReadOnly): libvirt itself refuses every change
-    through it. For commands that only look (doctor, watch)."""
-    try:
-        return libvirt.openReadOnly(uri)
-    except libvirt.libvirtError as e:
-        hint = ""
-        if uri.startswith("qemu") and "socket" in str(e).lower():
-            hint = " (is libvirtd running? scripts/setup.sh starts it)"
-        raise UserError(
-            f"cannot connect to libvirt at {uri}: {e.get_error_message()}{hint}"
-        ) from None
+    """A read-only connection (see open_connection)."""
+    return open_connection(uri, read_only=True)
 
 
 def is_local(conn: libvirt.virConnect) -> bool:
