@@ -26,6 +26,7 @@ from kvmksm.results.collect import iter_records
 from kvmksm.results.record import load_record, write_record
 from kvmksm.scenario import load as scenario
 from kvmksm.scenario.portable import fit, summary
+from kvmksm.virt.lab import GuestSpec, host_names
 from kvmksm.workloads.base import RunContext, Workload
 
 from .fakehost import make_tree, set_counter
@@ -346,3 +347,13 @@ def test_fleet_table_names_every_host_and_why(tmp_path: Path) -> None:
     gone = next(ln for ln in lines if ln.startswith("gone"))
     assert "unreachable" in gone and "Connection refused" in gone  # whole, not cut
     assert f"fleet: {tmp_path}" in out.getvalue()
+
+
+def test_lab_guests_of_one_kernel_get_names_of_their_own(tmp_path: Path) -> None:
+    """Three guests of one kernel once made an inventory of one host (Ansible merges names)."""
+    img, k61, k612 = (tmp_path / n for n in ("d.qcow2", "vmlinuz-6.1.0-56", "vmlinuz-6.12.95"))
+    specs = [GuestSpec(img, k61, img), GuestSpec(img, k612, img), GuestSpec(img, k61, img)]
+    names = host_names(specs)
+    assert len(set(names)) == 3
+    assert names[1] == host_names([specs[1]])[0]  # a kernel of its own keeps its plain label
+    assert names[0].endswith("-1") and names[2].endswith("-2")

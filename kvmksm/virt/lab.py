@@ -144,6 +144,16 @@ def label_of(kernel: Path) -> str:
     return "k" + "".join(c if c.isalnum() else "-" for c in version).strip("-")
 
 
+def host_names(specs: list[GuestSpec]) -> list[str]:
+    """Inventory names: each guest's label, numbered where several share one (guests of one
+    kernel), since Ansible merges hosts of the same name into one."""
+    labels = [spec.label or label_of(spec.kernel) for spec in specs]
+    return [
+        f"{label}-{labels[:i].count(label) + 1}" if labels.count(label) > 1 else label
+        for i, label in enumerate(labels)
+    ]
+
+
 @dataclass
 class Lab:
     """Guests booted for one fleet run; a context manager that always undoes them."""
@@ -172,12 +182,12 @@ class Lab:
         """Define and start one guest per spec, all at once; return when each answers SSH
         (UserError naming the guest and its console's last lines when one does not)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for i, spec in enumerate(specs, 1):
+        for i, (spec, host) in enumerate(zip(specs, host_names(specs), strict=True), 1):
             name = f"fleet-{self.run_id}-{i:02d}"
             guest = LabGuest(
                 spec,
                 name,
-                spec.label or label_of(spec.kernel),
+                host,
                 free_port(),
                 self.directory / f"{name}.qcow2",
                 self.directory / f"{name}.console.log",
