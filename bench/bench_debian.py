@@ -274,25 +274,17 @@ def cmd_predict(a: argparse.Namespace) -> None:
         if rec.meta.status in ("passed", "failed"):
             runs[len(rec.meta.guests)] = d
     paths = [str(runs[k]) for k in sorted(fit)]
-    p = subprocess.run(
-        [sys.executable, "-m", "kvmksm", "plan", *paths, "--json", "-o", os.devnull],
-        capture_output=True,
-        text=True,
-    )
+    # `kvmksm plan --check` states the prediction, its 95% interval and the error itself.
+    with tempfile.TemporaryDirectory() as tmp:
+        p = subprocess.run(
+            [sys.executable, "-m", "kvmksm", "plan", *paths, "--check", str(runs[a.check]),
+             "-o", str(Path(tmp) / "plan.html")],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+    print(p.stdout, end="")
     if p.returncode not in (0, 1):
         sys.exit(p.stderr)
-    plan = json.loads(p.stdout)["plans"][0]
-    check = figures(load_record(runs[a.check]))
-    print(json.dumps({k: v for k, v in plan.items() if k in ("fit", "inputs")}, indent=1))
-    fitd = plan["fit"]
-    m = plan["inputs"]["guest_memory"] / MIB
-    pred = (fitd["b"] + fitd["a"] * (a.check - 1)) * m
-    err = pred - check["saved_mib"]
-    print(
-        f"plan fitted on {sorted(fit)} clones: saved({a.check}) = (b + a x {a.check - 1}) x "
-        f"{m:.0f} MiB = {pred:.1f} MiB; measured {check['saved_mib']:.1f} MiB; error "
-        f"{err:+.1f} MiB ({err / check['saved_mib']:+.1%})"
-    )
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,26 @@ def output_error(path: Path, e: OSError) -> OutputError:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename it into place."""
+    """Write `text` to a temporary file beside `path`, then rename it into place.
+
+    Only a regular file is replaced so: a device, FIFO or socket (`-o /dev/null`, `-o
+    /dev/stdout`) is written into as it is (renaming over /dev/null once turned it into a
+    plain file, and no guest could start after that), and a symlink's target is what is
+    written, the link stays."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        special = path.exists() and not stat.S_ISREG(path.stat().st_mode)
+    except OSError as e:
+        raise output_error(path, e) from None
+    if special or path.is_dir():
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise output_error(path, e) from None
+        return path
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
