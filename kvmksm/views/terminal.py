@@ -54,7 +54,7 @@ def bench_result(result: BenchResult, name: str, console: Console, report: Any) 
         table.add_row(
             c["name"],
             fmt_expected(c["expected"]),
-            str(c["observed"]),
+            fmt_num(c["observed"]),
             "[green]pass[/]" if c["passed"] else "[bold red]FAIL[/]",
         )
     if result.checks:
