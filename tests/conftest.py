@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,12 @@ from kvmksm.virt.conn import alive, open_connection
 from kvmksm.virt.tiny_image import DEFAULT_NAME, TinyImage, build_image
 
 from .fakehost import make_tree
+
+# A suite started in the background of a shell without job control inherits SIGINT ignored,
+# and so would every kvmksm it starts (Python keeps an ignored SIGINT ignored): the Ctrl-C
+# tests need it delivered. A handler, unlike SIG_IGN, is reset to the default in children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REAL_KSM_LOCK = "/tmp/kvmksm-realksm.lock"
 

@@ -46,4 +46,3 @@ def test_a_symlink_keeps_pointing_at_its_target(tmp_path: Path) -> None:
 def test_a_folder_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=f"^{tmp_path}: cannot write: Is a directory$"):
         write_text(tmp_path, "x")
-
