@@ -105,8 +105,10 @@ def test_unbounded_and_single_count(tmp_path: Path) -> None:
     full = only(plan.plan(compare.collect([clone_sweep(tmp_path, shared_top=65536)])))
     assert full["with_ksm"]["max"] is None and full["gain"] is None
     assert any("does not bound the count" in n for n in full["notes"])
-    # exact figures: no scatter, so the interval is the line itself, and unbounded too
-    assert full["with_ksm"]["max_interval"] == [None, None]
+    # exact figures: no scatter, so the interval is the 1% floor about the line: its upper
+    # side unbounded too, its lower side (1% less saved a guest) bounds the count
+    fewest, most = full["with_ksm"]["max_interval"]
+    assert isinstance(fewest, int) and most is None
     one = tmp_path / "one"
     vm_record(one / "a", guests=3)
     (p,) = plan.plan(compare.collect([one]))
@@ -220,6 +222,12 @@ def textbook_interval(xs: list[float], ys: list[float], x0: float) -> tuple[floa
     return icpt + slope * x0 - half, icpt + slope * x0 + half
 
 
+def floored(lo: float, hi: float) -> tuple[float, float]:
+    """A savings interval as the plan gives it: never narrower than 1% of the prediction."""
+    mid = (lo + hi) / 2
+    return min(lo, mid * (1 - plan.SAVED_FLOOR)), max(hi, mid * (1 + plan.SAVED_FLOOR))
+
+
 def test_prediction_intervals_by_hand(tmp_path: Path) -> None:
     (p,) = plan.plan(compare.collect([noisy_sweep(tmp_path)]))
     d = p.data
@@ -230,7 +238,7 @@ def test_prediction_intervals_by_hand(tmp_path: Path) -> None:
     assert d["interval"]["level"] == 0.95 and "statsmodels" in d["interval"]["method"]
     # each measured count: the fit and its interval, in MiB of the 256 MiB guests measured
     for row in d["measured"]:
-        lo, hi = textbook_interval(xs, shares, row["n"] - 1)
+        lo, hi = floored(*textbook_interval(xs, shares, row["n"] - 1))
         assert row["fit_interval_mib"] == pytest.approx([lo * 256, hi * 256])
         assert lo * 256 < row["saved_mib"] < hi * 256
     # the projection: 168 by the fit; the range by where each bound meets the 22118.4 MiB
@@ -239,11 +247,11 @@ def test_prediction_intervals_by_hand(tmp_path: Path) -> None:
     assert fewest < n1 < most
 
     def used(n: int, bound: int) -> float:
-        return n * 256 - textbook_interval(xs, shares, n - 1)[bound] * 256
+        return n * 256 - floored(*textbook_interval(xs, shares, n - 1))[bound] * 256
 
     assert used(fewest, 0) <= u < used(fewest + 1, 0)  # the lower bound of the saving
     assert used(most, 1) <= u < used(most + 1, 1)  # the upper bound
-    lo, hi = textbook_interval(xs, shares, n1 - 1)
+    lo, hi = floored(*textbook_interval(xs, shares, n1 - 1))
     assert k["saved_interval_mib"] == pytest.approx([lo * 256, hi * 256])
     # ksmd's share grows 0.5 % a guest: its value at N and its interval
     cpu_x = [n for n, tops in TOPS.items() for _ in tops]

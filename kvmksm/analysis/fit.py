@@ -5,6 +5,12 @@ holds the uncertainty of the line (from the spread of the measured points around
 included) and the run-to-run scatter of a single new run. It needs more runs than the line
 has parameters; with exactly as many (two runs, two counts) the line passes through every
 point, says nothing about the scatter, and no interval is given.
+
+A fit may set ``rel_floor``: its intervals are then never narrower than that fraction of the
+value either side. Runs that agree to the page (deterministic guests) give a scatter near zero
+and an interval of a MiB, yet a line through three counts still misses a larger count by a
+few tenths of a percent (pages the line cannot see, e.g. each guest's page tables): the
+floor keeps the interval from promising what no run can check.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class LineFit:
     level: float
     _result: Any  # statsmodels' RegressionResults
     _constant_only: bool
+    rel_floor: float = 0.0  # intervals at least this fraction of the value either side
 
     @property
     def has_interval(self) -> bool:
@@ -55,10 +62,12 @@ class LineFit:
             nan = np.full(len(xs), np.nan)
             return mean, nan, nan
         frame = self._result.get_prediction(exog).summary_frame(alpha=1 - self.level)
+        mean = frame["mean"].to_numpy(float)
+        floor = self.rel_floor * np.abs(mean)
         return (
-            frame["mean"].to_numpy(float),
-            frame["obs_ci_lower"].to_numpy(float),
-            frame["obs_ci_upper"].to_numpy(float),
+            mean,
+            np.minimum(frame["obs_ci_lower"].to_numpy(float), mean - floor),
+            np.maximum(frame["obs_ci_upper"].to_numpy(float), mean + floor),
         )
 
     def at(self, x: float) -> tuple[float, float | None, float | None]:
@@ -71,7 +80,11 @@ class LineFit:
 
 
 def fit_line(
-    x: Sequence[float], y: Sequence[float], constant_only: bool = False, level: float = LEVEL
+    x: Sequence[float],
+    y: Sequence[float],
+    constant_only: bool = False,
+    level: float = LEVEL,
+    rel_floor: float = 0.0,
 ) -> LineFit:
     """Least squares of y on x (or on a constant alone: the mean, with its interval)."""
     xa, ya = np.asarray(x, float), np.asarray(y, float)
@@ -85,4 +98,4 @@ def fit_line(
     sst = float(((ya - ya.mean()) ** 2).sum())
     # With no residual degree of freedom R² is 1 by construction; with y constant, 0/0.
     r2 = None if constant_only or df == 0 or sst == 0 else float(result.rsquared)
-    return LineFit(slope, intercept, r2, len(ya), df, level, result, constant_only)
+    return LineFit(slope, intercept, r2, len(ya), df, level, result, constant_only, rel_floor)

@@ -89,6 +89,10 @@ class DensityPlan:
         return saved_band(self.line, np.asarray(n, float), m)
 
 
+# Savings intervals are at least this fraction of the prediction either side (analysis/fit).
+SAVED_FLOOR = 0.01
+
+
 def plan(
     runs: list[Run],
     guest_memory: int | None = None,
@@ -249,7 +253,7 @@ def fit_savings(
     """Savings as a share of guest memory against N-1, by least squares, with the scatter
     that the prediction intervals come from."""
     counts = sorted({p["n"] for p in pts})
-    line = fit_line([p["n"] - 1 for p in pts], [p["share"] for p in pts])
+    line = fit_line([p["n"] - 1 for p in pts], [p["share"] for p in pts], rel_floor=SAVED_FLOOR)
     r2_note = None
     if not line.has_interval:
         r2_note = (
