@@ -89,7 +89,8 @@ class DensityPlan:
         return saved_band(self.line, np.asarray(n, float), m)
 
 
-# Savings intervals are at least this fraction of the prediction either side (analysis/fit).
+# Guests' savings intervals: at least this fraction of the prediction either side
+# (analysis/fit).
 SAVED_FLOOR = 0.01
 
 
@@ -139,7 +140,10 @@ def plan_one(
             "the records ran guests of different sizes; savings are fitted as shares of each "
             "guest's memory"
         )
-    line, fit = fit_savings(pts, inputs.guest_bytes, notes)
+    # Guests (kernels, page tables, page cache) add pages a line cannot see; processes with
+    # known contents merge exactly as counted: only guests' intervals get the floor.
+    floor = SAVED_FLOOR if kind == "vms" else 0.0
+    line, fit = fit_savings(pts, inputs.guest_bytes, notes, floor)
     n0, n1, n_range = project(line, inputs, notes)
     cpu_fits, cpu_lines, with_cpu = ksmd_cost(pts, n1, notes)
     extrap = extrapolation(counts, sizes, n1, inputs.guest_bytes, len(pts), bool(cpu_fits), notes)
@@ -248,12 +252,12 @@ def measured_points(
 
 
 def fit_savings(
-    pts: list[dict[str, Any]], m: int, notes: list[str]
+    pts: list[dict[str, Any]], m: int, notes: list[str], floor: float = 0.0
 ) -> tuple[LineFit, dict[str, Any]]:
     """Savings as a share of guest memory against N-1, by least squares, with the scatter
     that the prediction intervals come from."""
     counts = sorted({p["n"] for p in pts})
-    line = fit_line([p["n"] - 1 for p in pts], [p["share"] for p in pts], rel_floor=SAVED_FLOOR)
+    line = fit_line([p["n"] - 1 for p in pts], [p["share"] for p in pts], rel_floor=floor)
     r2_note = None
     if not line.has_interval:
         r2_note = (
