@@ -42,6 +42,7 @@ from kvmksm.workloads.guest_watch import GuestLost, GuestWatch, LibvirtGone
 
 from .fakehost import knob_values
 from .test_runner import SCENARIO
+from .tmpfs import tmpfs
 
 NODE = Path(__file__).parent / "fixtures" / "testnode.xml"
 
@@ -242,17 +243,6 @@ def test_teardown_reconnects_and_says_what_it_could_not_remove(
 
 
 # -- a results folder that fills up -----------------------------------------------------------
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], check=True)
-
-
 def fill(path: Path) -> None:
     """Zeros until the file system is full (a page at a time at the end)."""
     with open(path, "ab", buffering=0) as f:

@@ -38,6 +38,8 @@ from kvmksm.host.state import ActiveRun
 from kvmksm.virt.cleanup import find_leftovers
 from kvmksm.virt.tiny_image import TinyImage
 
+from .tmpfs import tmpfs
+
 # The lock for the whole module: its cases run back to back (each still uses real_ksm).
 pytestmark = [
     pytest.mark.libvirt,
@@ -427,17 +429,6 @@ def test_libvirtd_restarted_mid_run_reconnects_and_passes(
 
 
 # -- the results folder full -------------------------------------------------------------------
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], check=True)
-
-
 def _fill(path: Path) -> None:
     """Write zeros until the file system is full."""
     chunk = b"\0" * (64 << 10)
