@@ -167,6 +167,8 @@ def _run_id(text: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{8}", text):
         raise argparse.ArgumentTypeError("expected the 8 hex digits of a run id, e.g. 0a1b2c3d")
     return text
+
+
 FLEET_EXIT = """exit status:
   0    every host passed
   1    a host failed, could not be reached or installed, or its run went wrong (each is
