@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kvmksm.analysis.guest_work import churn_figures, probe_figures  # noqa: E402
-from kvmksm.results.record import Record, load_record  # noqa: E402
+from kvmksm.results.collect import iter_records  # noqa: E402
+from kvmksm.results.record import Record  # noqa: E402
 from kvmksm.scenario.load import resolve_path  # noqa: E402
 
 GIB = 1 << 30
@@ -204,9 +205,9 @@ def show(f: dict[str, Any]) -> None:
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
-    for p in a.paths:
-        for d in sorted({x.parent for x in Path(p).rglob("run.json")} or {Path(p)}):
-            show(figures(load_record(d)))
+    # kvmksm's own iteration: experiments' runs in order, no unfinished (.running) folders
+    for _, rec in iter_records(a.paths):
+        show(figures(rec))
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -226,11 +227,8 @@ def cmd_run(a: argparse.Namespace) -> None:
         print(f"kvmksm bench {a.scenario} {' '.join(a.knob + a.set)}: exit {p.returncode}, "
               f"{time.monotonic() - t:.0f} s")  # fmt: skip
     latest = max((out / data["name"]).iterdir(), key=lambda x: x.stat().st_mtime)
-    if (latest / "experiment.json").exists():
-        for d in sorted(x.parent for x in latest.rglob("run.json")):
-            show(figures(load_record(d)))
-    else:
-        show(figures(load_record(latest)))
+    for _, rec in iter_records([latest]):
+        show(figures(rec))
 
 
 def cmd_build(a: argparse.Namespace) -> None:
@@ -269,8 +267,8 @@ def cmd_build(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     fit = {int(x) for x in a.fit.split(",")}
     runs = {}
-    for d in sorted(x.parent for x in Path(a.experiment).rglob("run.json")):
-        rec = load_record(d)
+    for _, rec in iter_records([a.experiment]):
+        d = rec.dir
         if rec.meta.status in ("passed", "failed"):
             runs[len(rec.meta.guests)] = d
     paths = [str(runs[k]) for k in sorted(fit)]
