@@ -268,9 +268,8 @@ def cmd_predict(a: argparse.Namespace) -> None:
     fit = {int(x) for x in a.fit.split(",")}
     runs = {}
     for _, rec in iter_records([a.experiment]):
-        d = rec.dir
         if rec.meta.status in ("passed", "failed"):
-            runs[len(rec.meta.guests)] = d
+            runs[len(rec.meta.guests)] = rec.dir
     paths = [str(runs[k]) for k in sorted(fit)]
     # `kvmksm plan --check` states the prediction, its 95% interval and the error itself.
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from kvmksm.host.fs import HostFS
 from kvmksm.host.ksm import Ksm
@@ -68,7 +69,29 @@ def main() -> int:
     saved = ksm.read_knobs()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            _alternate(args, kinds, times, inner, tmp, ksm, saved)
+            for i in range(args.runs):
+                for name, tree in kinds:
+                    if tree is None:
+                        secs, code, text = run([str(args.ltp)], tmp)
+                        ok = code == 0 and "TFAIL" not in text and "TBROK" not in text
+                        extra = ""
+                    else:
+                        out = Path(tmp) / f"out{len(inner[name])}-{abs(hash(name))}"
+                        cmd, env = kvmksm_cmd(tree, out)
+                        secs, code, text = run(cmd, tmp, env)
+                        ok = code == 0
+                        r = last_run(out)
+                        inner[name].append(r)
+                        extra = (
+                            f" (run {r['run']:.2f} s = {r['run'] / r['floor']:.2f} x fills + scans "
+                            f"{r['floor']:.2f} s)"
+                        )
+                    if not ok:
+                        print(text[-2000:], file=sys.stderr)
+                        raise SystemExit(f"{name} failed (exit {code})")
+                    times[name].append(secs)
+                    extra += _put_back(ksm, saved)  # every command starts alike
+                    print(f"run {i + 1} {name}: {secs:.2f} s{extra}", flush=True)
     finally:
         problems = ksm.restore(saved)
         if problems or ksm.read_knobs() != saved:
@@ -84,43 +107,14 @@ def main() -> int:
     return 0
 
 
-def _alternate(
-    args: argparse.Namespace,
-    kinds: list[tuple[str, Path | None]],
-    times: dict[str, list[float]],
-    inner: dict[str, list[dict[str, float]]],
-    tmp: str,
-    ksm: Ksm,
-    saved: dict[str, object],
-) -> None:
-    """The commands in turn, args.runs times; after each, any knob it left changed is put
-    back, so every command starts from the same host."""
-    for i in range(args.runs):
-        for name, tree in kinds:
-            if tree is None:
-                secs, code, text = run([str(args.ltp)], tmp)
-                ok = code == 0 and "TFAIL" not in text and "TBROK" not in text
-                extra = ""
-            else:
-                out = Path(tmp) / f"out{len(inner[name])}-{abs(hash(name))}"
-                cmd, env = kvmksm_cmd(tree, out)
-                secs, code, text = run(cmd, tmp, env)
-                ok = code == 0
-                r = last_run(out)
-                inner[name].append(r)
-                extra = (
-                    f" (run {r['run']:.2f} s = {r['run'] / r['floor']:.2f} x fills + scans "
-                    f"{r['floor']:.2f} s)"
-                )
-            if not ok:
-                print(text[-2000:], file=sys.stderr)
-                raise SystemExit(f"{name} failed (exit {code})")
-            times[name].append(secs)
-            left = {k: v for k, v in ksm.read_knobs().items() if saved.get(k) != v}
-            if left:
-                ksm.restore(saved)
-                extra += f"; left {left} changed (was { ({k: saved[k] for k in left}) }): put back"
-            print(f"run {i + 1} {name}: {secs:.2f} s{extra}", flush=True)
+def _put_back(ksm: Ksm, saved: dict[str, Any]) -> str:
+    """Restore any knob the last command left changed; what it was, for the run's line."""
+    left = {k: v for k, v in ksm.read_knobs().items() if saved.get(k) != v}
+    if not left:
+        return ""
+    ksm.restore(saved)
+    was = {k: saved[k] for k in left}
+    return f"; left {left} changed (was {was}): put back"
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def write_text(path: str | Path, text: str) -> Path:
         special = path.exists() and not stat.S_ISREG(path.stat().st_mode)
     except OSError as e:
         raise output_error(path, e) from None
-    if special or path.is_dir():
+    if special:  # a folder too: open() then says "Is a directory"
         try:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
