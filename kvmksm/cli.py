@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -371,29 +372,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     progress = TerminalProgress(Console(stderr=True, highlight=False))
     # The analysis and the report need pandas and matplotlib (most of a second to import),
     # the run itself neither: import them meanwhile, while the run waits on the kernel.
-    _preload("kvmksm.analysis.metrics", *(() if args.no_report else ("kvmksm.views.report",)))
+    report_too = not args.no_report
+    preload = _preload(
+        "kvmksm.analysis.metrics",
+        *(("kvmksm.views.report",) if report_too else ()),
+        warm_report=report_too,
+    )
     if sc.repeats > 1 or sc.matrix:  # an experiment: every point x repeats, one run each
-        return _bench_experiment(sc, path, args, out, progress)
+        return _bench_experiment(sc, path, args, out, progress, preload)
     result = bench(sc, args.output, scenario_file=path, connect=_connect(args), progress=progress)
-    report = None if args.no_report else _write_report(result.record_dir, progress)
+    report = _write_report(result.record_dir, progress, preload) if report_too else None
     bench_result(result, sc.name, out, report)
     return result.exit_code
 
 
-def _preload(*modules: str) -> None:
-    """Import modules in a background thread (a failure is left for the real import)."""
+def _preload(*modules: str, warm_report: bool = False) -> threading.Thread:
+    """Import modules in a background thread (a failure is left for the real import), and
+    with ``warm_report`` pay a first report's one-time costs too. Join the thread before
+    drawing: matplotlib is not safe to use from two threads at once."""
 
     def load() -> None:
         for name in modules:
             with contextlib.suppress(Exception):
                 importlib.import_module(name)
+        if warm_report:
+            with contextlib.suppress(Exception):
+                from kvmksm.views.report import warm_up
 
-    threading.Thread(target=load, name="kvmksm-preload", daemon=True).start()
+                warm_up()
+        # The modules' objects live as long as the process: kept out of the collector's
+        # full passes, which otherwise walk them all (60-70 ms each, one of them in the
+        # first report drawn).
+        gc.freeze()
+
+    thread = threading.Thread(target=load, name="kvmksm-preload", daemon=True)
+    thread.start()
+    return thread
 
 
-def _write_report(run_dir: Path, progress: Any) -> Path | None:
+def _write_report(
+    run_dir: Path, progress: Any, preload: threading.Thread | None = None
+) -> Path | None:
     """report.html beside the record; a report that cannot be drawn loses nothing (the
     record is what matters, and `kvmksm report` rebuilds it)."""
+    if preload is not None:
+        preload.join()  # it may still be drawing its warm-up chart
     from kvmksm.views.report import write_report
 
     try:
@@ -404,12 +427,17 @@ def _write_report(run_dir: Path, progress: Any) -> Path | None:
 
 
 def _bench_experiment(
-    sc: Any, path: str, args: argparse.Namespace, out: Console, progress: Any
+    sc: Any,
+    path: str,
+    args: argparse.Namespace,
+    out: Console,
+    progress: Any,
+    preload: threading.Thread,
 ) -> int:
     from kvmksm.commands.experiment import point_summaries, run_experiment
     from kvmksm.views.terminal import experiment_summary
 
-    report = None if args.no_report else (lambda d: _write_report(d, progress))
+    report = None if args.no_report else (lambda d: _write_report(d, progress, preload))
     result = run_experiment(sc, args.output, path, _connect(args), progress=progress, report=report)
     for problem in result.problems:
         progress.warn(problem)
@@ -418,6 +446,7 @@ def _bench_experiment(
         # the pages need matplotlib, which a fleet host (bench --no-report) does not have
         from kvmksm.views.experiment_pages import write_summaries
 
+        preload.join()  # no point drew a report: its warm-up may still be drawing
         try:
             written = write_summaries(result.dir)
         except Exception as e:  # the records are what matters; kvmksm compare rebuilds these

@@ -308,7 +308,7 @@ class ForeignKsmUsers:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
-                if "kvmksm.workloads.filler" not in cmd:
+                if "workloads/filler.py" not in cmd:
                     self.seen[pid] = cmd[:80]
             self._stop.wait(0.2)
 

@@ -169,12 +169,13 @@ class Ksm:
 
     # -- waiting for ksmd ---------------------------------------------------------
     def wait_full_scans(
-        self, count: int, timeout: float, poll: float = 0.01, stop: object | None = None
+        self, count: int, timeout: float, poll: float = 0.002, stop: object | None = None
     ) -> float:
         """Block until `full_scans` has risen by `count`; returns the seconds waited.
 
         KSM needs two scans to merge a page (unstable tree, then stable tree); LTP waits
-        for three so a round has settled. Raises TimeoutError past `timeout`.
+        for three so a round has settled. Raises TimeoutError past `timeout`. Polled every
+        2 ms: a round's scans can take a tenth of a second, and a read costs microseconds.
         """
         start = time.monotonic()
         first = int(self.read("full_scans"))

@@ -17,7 +17,7 @@ DEFAULT_PAGE = 4096
 
 
 class Meta(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 
     def extra(self, key: str, default: Any = None) -> Any:
         """A field this model does not name (e.g. an event's ``processes``)."""

@@ -48,6 +48,14 @@ def write_report(run_dir: str | Path) -> Path:
     return write_text(record.dir / REPORT, render_report(record))
 
 
+def warm_up() -> None:
+    """Pay a process's one-time costs of a first report ahead, in a thread while a run waits
+    on the kernel: the first chart (charts.warm_up) and the page's templates compiled."""
+    charts.warm_up()
+    for name in ("report.html.j2", "_guests.html.j2"):
+        html.env().get_template(name)
+
+
 def render_report(record: Record) -> str:
     return html.render("report.html.j2", **build_context(record))
 

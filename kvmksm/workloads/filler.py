@@ -1,15 +1,14 @@
 """The child side of the processes workload: one anonymous MADV_MERGEABLE mapping,
-filled and verified on command. Run as `python -m kvmksm.workloads.filler SIZE INDEX
-[TOUCHED]`: only the first TOUCHED bytes are ever written or read (a sparse mapping, reserved
-with MAP_NORESERVE so it may be larger than memory). It imports nothing heavy, so a child
-starts in a few tens of milliseconds."""
+filled and verified on command. Run as `python -S -E .../filler.py SIZE INDEX [TOUCHED]`:
+only the first TOUCHED bytes are ever written or read (a sparse mapping, reserved with
+MAP_NORESERVE so it may be larger than memory). It imports only the standard library (and
+``random`` only for random patterns), so a child starts in about 20 ms."""
 
 from __future__ import annotations
 
 import json
 import mmap
 import os
-import random
 import signal
 import sys
 import time
@@ -23,6 +22,8 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 
 def content(pattern: dict[str, Any], index: int, round_no: int, size: int) -> bytes | None:
     """The whole expected content for random patterns (None for byte patterns)."""
     if pattern.get("random"):
+        import random
+
         return random.Random(f"{round_no}/{index}").randbytes(size)
     return None
 

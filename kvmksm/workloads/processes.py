@@ -8,6 +8,7 @@ import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from kvmksm.errors import WorkloadFailed
@@ -18,6 +19,9 @@ from kvmksm.results.events import Kind
 from kvmksm.scenario.model import FillStep, ProcessesWorkload, StopStep, UnmergeStep
 from kvmksm.units import format_size
 from kvmksm.workloads.base import RunContext, Workload, require_counters, require_fits
+
+# The child's program (kvmksm.workloads.filler), run by path.
+FILLER = Path(__file__).with_name("filler.py")
 
 
 class ProcessesRun(Workload):
@@ -90,13 +94,15 @@ class ProcessesRun(Workload):
             ctx.active.created("cgroup", path=self.cgroup.path)
         for i in range(spec.count):
             # A plain child process speaking JSON lines: no fork of this threaded process,
-            # and nothing of kvmksm's heavier imports in the child.
+            # and nothing but the standard library in the child. Run by path with -S (no
+            # site, no package lookup) and -E: it starts in 20 ms instead of 40.
             self.children.append(
                 subprocess.Popen(
                     [
                         sys.executable,
-                        "-m",
-                        "kvmksm.workloads.filler",
+                        "-S",
+                        "-E",
+                        str(FILLER),
                         str(spec.size),
                         str(i),
                         str(spec.touched or spec.size),
