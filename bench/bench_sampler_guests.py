@@ -15,6 +15,8 @@ Ticks run back to back with a short gap, on the sampler thread's real-time prior
 opens every guest's files and is reported apart; then the mean, median, p99 and max, and
 beside them the floor: the same two files a guest pread with nothing parsed or written.
 `--reopen` also times the reads done the old way (open, read, close each file every tick).
+Guests are shared with helper processes as kvmksm shares them (one at 1,000 guests on two
+CPUs; kvmksm.sampling.read_helper); `--helpers 0` reads them all in the sampler's process.
 """
 
 from __future__ import annotations
@@ -97,6 +99,11 @@ def main() -> None:
     ap.add_argument("--no-ksm", action="store_true", help="do not switch KSM on (reads only)")
     ap.add_argument("--normal-priority", action="store_true", help="no SCHED_FIFO for ticks")
     ap.add_argument("--reopen", action="store_true", help="also time open/read/close per guest")
+    ap.add_argument(
+        "--helpers",
+        type=int,
+        help="helper processes sharing the reads (default: as kvmksm chooses for the count)",
+    )
     a = ap.parse_args()
     counts = sorted(int(x) for x in a.guests.split(","))
     if not a.no_ksm and not lock_is_held():
@@ -142,11 +149,12 @@ def run(a: argparse.Namespace, counts: list[int], children: list[int]) -> None:
             pids = {f"guest-{i:04d}": pid for i, pid in enumerate(children[:n])}
             with tempfile.TemporaryDirectory() as d:
                 rec = RunRecord.create(Path(d), {"name": "bench-guests"}, None)
-                probe = VmProbe(fs, lambda pids=pids: dict(pids))
+                probe = VmProbe(fs, lambda pids=pids: dict(pids), helpers=a.helpers)
                 sampler = Sampler(fs, rec, probes=[probe])
                 s = time.perf_counter()
                 sampler.tick()
                 first = time.perf_counter() - s
+                helpers = len(probe.helper_pids)
                 cost = []
                 for _ in range(a.ticks):
                     time.sleep(a.gap)
@@ -161,7 +169,8 @@ def run(a: argparse.Namespace, counts: list[int], children: list[int]) -> None:
             print(
                 f"{n:5d} guests: tick mean {ms.mean():.3f} ms  median {np.median(ms):.3f} ms  "
                 f"p99 {np.percentile(ms, 99):.3f} ms  max {ms.max():.3f} ms  "
-                f"(first tick, opening the files: {first * 1000:.1f} ms)"
+                f"(first tick, opening the files: {first * 1000:.1f} ms; "
+                f"{helpers} helper process{'es' * (helpers != 1)})"
             )
             print(
                 f"               {rows} guest rows written; ksm_merging_pages summed over the "

@@ -268,14 +268,16 @@ def test_real_cpu_clock_counts_nanoseconds() -> None:
 
 
 @pytest.mark.realksm
+@pytest.mark.parametrize("helpers", [0, 1])
 def test_real_probe_sees_merging_through_held_files(
-    real_ksm: Ksm, fillers: list[subprocess.Popen[str]]
+    real_ksm: Ksm, fillers: list[subprocess.Popen[str]], helpers: int
 ) -> None:
     """Three processes with the same 4 MiB: their ksm_stat, read through files opened before
-    KSM went on, shows the merge; one killed mid-way is dropped without an error."""
+    KSM went on (in this process, or in a helper process that holds a share), shows the
+    merge; one killed mid-way is dropped without an error."""
     saved = real_ksm.read_knobs()
     pids: dict[str, int] = {}
-    probe = VmProbe(HostFS(), lambda: dict(pids))
+    probe = VmProbe(HostFS(), lambda: dict(pids), helpers=helpers)
     try:
         real_ksm.write("run", 2)  # whatever the host had: nothing merged, ksmd stopped
         pids.update({f"p{i}": start_filler(fillers, 4 << 20, i) for i in range(3)})
@@ -296,6 +298,7 @@ def test_real_probe_sees_merging_through_held_files(
         rows2 = as_dicts(probe.rows(2.0))
         assert [r["domain"] for r in rows2] == ["p0", "p2"]
         assert probe.gone == 1
+        assert len(probe.helper_pids) == helpers and probe.problems == []
     finally:
         real_ksm.write("run", 2)  # unmerge before the knobs go back
         assert not real_ksm.restore(saved)

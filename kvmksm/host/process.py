@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import operator
 import os
+import resource
 from collections.abc import Sequence
 from typing import Any
 
@@ -307,3 +308,27 @@ class CpuClock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def raise_fd_limit() -> bool:
+    """Two files a guest: with a thousand guests a soft limit of 1024 open files is too low.
+    Raise it (for this process only) to the hard limit; True if that gave more room."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return False
+    new = hard if hard != resource.RLIM_INFINITY else max(soft * 4, 65536)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def open_process_files(fs: HostFS, pid: int) -> ProcessFiles:
+    """ProcessFiles(fs, pid), once more after raising the open-files limit if it was hit."""
+    try:
+        return ProcessFiles(fs, pid)
+    except OSError as e:
+        if e.errno != errno.EMFILE or not raise_fd_limit():
+            raise
+        return ProcessFiles(fs, pid)

@@ -12,8 +12,7 @@ so guests that stop leave no gap in the other guests' data and no hole in the ho
 
 from __future__ import annotations
 
-import errno
-import resource
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,13 +21,18 @@ from kvmksm.host.process import (
     KSM_STAT_FIELDS,
     ProcessFiles,
     ProcessGone,
+    open_process_files,
     read_all,
     read_process,
 )
 from kvmksm.results.record import VM_SAMPLES
+from kvmksm.sampling.read_helper import HelperLost, Key, ReadHelper
 
 VM_COLUMNS = ["t", "domain", "pid", *KSM_STAT_FIELDS, "rss_kb"]
 _VALUE_COLUMNS = (*KSM_STAT_FIELDS, "rss_kb")
+# Guests a share: below two shares' worth a helper's round trip costs more than it saves
+# (a tick at 300 guests is about 3 ms on one CPU).
+SHARE = 300
 
 
 class VmProbe:
@@ -36,6 +40,8 @@ class VmProbe:
 
     ``guests`` returns the current ``{domain: pid}``; it is called once per tick, so it must
     be quick (bench passes its clones; watch a mapping a background thread keeps up to date).
+    ``helpers``: how many helper processes share the reading (kvmksm.sampling.read_helper);
+    None for as many as helpers_for() says for the guests there are.
     """
 
     filename = VM_SAMPLES
@@ -45,6 +51,7 @@ class VmProbe:
         fs: HostFS,
         guests: Callable[[], Mapping[str, int]],
         on_gone: Callable[[str, int], None] | None = None,
+        helpers: int | None = None,
     ) -> None:
         self.fs = fs
         self.guests = guests
@@ -54,40 +61,77 @@ class VmProbe:
         self.columns = list(VM_COLUMNS)
         self._last: list[tuple[Any, ...]] = []  # this tick's rows, for live views
         self.gone = 0  # reads skipped because the process had exited
+        self.problems: list[str] = []  # not errors of one guest: for the sampler to record
         self._mapping: dict[str, int] = {}
-        # (domain, pid) -> its open files, or None: read by path each tick (no fds left)
-        self._files: dict[tuple[str, int], ProcessFiles | None] = {}
-        self._dead: set[tuple[str, int]] = set()  # exited, still listed: not reopened
-        self._held: list[tuple[tuple[str, int], ProcessFiles]] = []
-        self._by_path: list[tuple[str, int]] = []
+        self._files: dict[Key, ProcessFiles] = {}  # this process's share, held open
+        self._by_path: set[Key] = set()  # files that failed: read by path each tick
+        self._dead: set[Key] = set()  # exited, still listed: not reopened
+        self._helper_count = helpers
+        self._helpers: list[ReadHelper] = []
+        self._held: list[tuple[Key, ProcessFiles]] = []
+
+    @property
+    def helper_pids(self) -> list[int]:
+        return [h.pid for h in self._helpers]
 
     def _sync(self, mapping: Mapping[str, int]) -> None:
-        """Open the files of guests new to the mapping, close those of guests that left."""
+        """Share the guests out (contiguous in domain order: this process the first share,
+        each helper one of the others), open the files of those new to a share and close
+        those of guests that left it."""
         wanted = set(mapping.items())
-        for key in set(self._files) - wanted:
-            files = self._files.pop(key)
-            if files is not None:
-                files.close()
         self._dead &= wanted
-        for key in sorted(wanted - set(self._files) - self._dead):
+        self._by_path &= wanted
+        live = sorted(wanted - self._dead - self._by_path)
+        shares = self._shares(live)
+        mine = set(shares[0])
+        for key in [k for k in self._files if k not in mine]:
+            self._files.pop(key).close()
+        for key in shares[0]:
+            if key not in self._files:
+                self._open(key)
+        for helper, share in zip(self._helpers, shares[1:], strict=True):
             try:
-                self._files[key] = self._open_files(key[1])
-            except ProcessGone:
-                self._dead.add(key)
-                self._tell_gone(key)
+                gone, failed = helper.hold(share)
+            except HelperLost as e:
+                self._drop_helpers(e)
+                return self._sync(mapping)  # this process's share is now every guest
+            self._lost(gone)
+            self._by_path.update(failed)
         self._mapping = dict(mapping)
         self._index()
 
-    def _open_files(self, pid: int) -> ProcessFiles | None:
-        try:
-            return ProcessFiles(self.fs, pid)
-        except OSError as e:
-            if e.errno != errno.EMFILE or not _raise_fd_limit():
-                return None  # read this guest the slow way rather than lose it
+    def _shares(self, live: list[Key]) -> list[list[Key]]:
+        """Contiguous shares of the live guests, the first this process's; helpers started
+        or stopped to match."""
+        n = helpers_for(len(live)) if self._helper_count is None else self._helper_count
+        n = min(n, max(0, len(live) - 1))
+        while len(self._helpers) > n:
+            self._helpers.pop().close()
+        while len(self._helpers) < n:
             try:
-                return ProcessFiles(self.fs, pid)
-            except OSError:
-                return None
+                self._helpers.append(ReadHelper(self.fs.root))
+            except HelperLost as e:
+                self._drop_helpers(e)
+                break
+        size = -(-len(live) // (len(self._helpers) + 1)) if live else 0
+        return [live[i * size : (i + 1) * size] for i in range(len(self._helpers) + 1)]
+
+    def _drop_helpers(self, why: HelperLost) -> None:
+        """A helper lost: this process reads every guest from now on (a run that says so,
+        not a tick without rows)."""
+        self.problems.append(f"{why}; every guest read by the sampler itself from now on")
+        for helper in self._helpers:
+            helper.close()
+        self._helpers = []
+        self._helper_count = 0
+
+    def _open(self, key: Key) -> None:
+        try:
+            self._files[key] = open_process_files(self.fs, key[1])
+        except ProcessGone:
+            self._lost([key])
+        except OSError:
+            self._by_path.add(key)  # read this guest the slow way rather than lose it
 
     def rows(self, t: float) -> list[tuple[Any, ...]]:
         """This tick's rows, each a tuple in ``columns`` order (no dict per row: at a
@@ -96,36 +140,69 @@ class VmProbe:
         if mapping != self._mapping:
             self._sync(mapping)
         head = (round(t, 3),)
+        asked = []
+        for helper in self._helpers:  # their shares are read meanwhile, on other CPUs
+            try:
+                helper.ask(head[0])
+                asked.append(helper)
+            except HelperLost:
+                pass  # answer() below fails alike
         out, dropped, failed = read_all(self._held, head)
-        by_path = self._by_path + failed
+        unread: list[Key] = []
+        lost: HelperLost | None = None
+        moved = len(asked) < len(self._helpers)
+        for helper in asked:
+            try:
+                rows, gone, bad = helper.answer()
+            except HelperLost as e:
+                lost = lost or e
+                unread += helper.keys
+                continue
+            out += rows
+            dropped += gone
+            failed += bad
+        if lost is not None or moved:
+            moved = True
+            unread += [k for h in self._helpers if h not in asked for k in h.keys]
+            self._drop_helpers(lost or HelperLost("a helper could not be asked"))
+            self._sync(mapping)  # their guests are this process's now: read them so
+            mine = set(unread)
+            more, gone, bad = read_all([(k, f) for k, f in self._held if k in mine], head)
+            out += more
+            dropped += gone
+            failed += bad
         for key in failed:
             # Something odd about this one guest's files: read it the slow way from now on
             # rather than lose the tick for every guest.
             self._slow(key)
-        for key in by_path:
+        for key in sorted(self._by_path):
             try:
                 values = read_process(self.fs, key[1])
             except ProcessGone:
                 dropped.append(key)
                 continue
             out.append(head + key + tuple(values[c] for c in _VALUE_COLUMNS))
-        if by_path:
-            out.sort(key=lambda r: r[1])  # slow-path rows came last: domain order as always
+        if self._by_path or moved:
+            out.sort(key=lambda r: r[1])  # rows read some other way came last: domain order
         if dropped:
             for key in dropped:
-                files = self._files.pop(key)
+                files = self._files.pop(key, None)
                 if files is not None:
                     files.close()
-                self._dead.add(key)
-                self._tell_gone(key)
+                self._by_path.discard(key)
+            self._lost(dropped)
             self._index()
         self.gone += len(self._dead)
         self._last = out  # replaced whole: a reader in another thread never sees it half-built
         return out
 
-    def _tell_gone(self, key: tuple[str, int]) -> None:
-        if self.on_gone is not None:
-            self.on_gone(*key)
+    def _lost(self, keys: list[Key]) -> None:
+        for key in keys:
+            if key in self._dead:
+                continue  # told once
+            self._dead.add(key)
+            if self.on_gone is not None:
+                self.on_gone(*key)
 
     @property
     def last(self) -> dict[str, dict[str, Any]]:
@@ -133,37 +210,30 @@ class VmProbe:
         cols = self.columns
         return {r[1]: dict(zip(cols, r, strict=True)) for r in self._last}
 
-    def _slow(self, key: tuple[str, int]) -> None:
-        files = self._files.get(key)
+    def _slow(self, key: Key) -> None:
+        files = self._files.pop(key, None)
         if files is not None:
             files.close()
-        self._files[key] = None
+        self._by_path.add(key)
         self._index()
 
     def _index(self) -> None:
-        """The guests read through held files, and those read by path, in domain order."""
-        keys = sorted(self._files)
-        self._held = [(k, f) for k in keys if (f := self._files[k]) is not None]
-        self._by_path = [k for k in keys if self._files[k] is None]
+        """This process's held files, in domain order."""
+        self._held = sorted(self._files.items())
 
     def close(self) -> None:
         for files in self._files.values():
-            if files is not None:
-                files.close()
+            files.close()
         self._files.clear()
+        for helper in self._helpers:
+            helper.close()
+        self._helpers = []
         self._index()
         self._mapping = {}
 
 
-def _raise_fd_limit() -> bool:
-    """Two files a guest: with a thousand guests a soft limit of 1024 open files is too low.
-    Raise it (for this process only) to the hard limit; True if that gave more room."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft >= hard:
-        return False
-    new = hard if hard != resource.RLIM_INFINITY else max(soft * 4, 65536)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    except (ValueError, OSError):
-        return False
-    return True
+def helpers_for(guests: int) -> int:
+    """Helper processes for this many guests: one more share for each SHARE guests, at most
+    one share per CPU this process may run on (the first share is the sampler's own)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return max(0, min(cpus, guests // SHARE) - 1)

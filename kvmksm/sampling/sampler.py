@@ -38,7 +38,8 @@ ERRORS_KEPT = 100
 class Probe(Protocol):
     """An extra per-tick source with a CSV of its own (e.g. per-VM ksm_stat): each tick,
     rows as sequences in ``columns`` order. A probe with a ``close()`` has it called when
-    the sampler stops."""
+    the sampler stops; one with a ``problems`` list has what it appends there recorded as
+    the sampler's errors (something went wrong, yet the tick has its rows)."""
 
     filename: str
     columns: list[str]
@@ -174,6 +175,9 @@ class Sampler:
                 out.write_sequences(probe.rows(t))
             except Exception as e:  # a guest vanishing must not stop host sampling
                 self._error(f"{probe.filename}: {e}")
+            problems: list[str] = getattr(probe, "problems", [])
+            while problems:
+                self._error(f"{probe.filename}: {problems.pop(0)}")
         self.last = row
         return row
 
