@@ -133,10 +133,10 @@ def test_a_helper_killed_mid_run_costs_no_row(fake_root: Path) -> None:
 def test_a_helper_that_stalls_is_given_up(
     fake_root: Path, probes: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(read_helper, "ANSWER_TIMEOUT", 0.3)
     mapping = guests(fake_root, 4)
     shared = probe(probes, fake_root, mapping, helpers=1)
-    shared.rows(1.0)
+    shared.rows(1.0)  # started (at any speed) and holding its share
+    monkeypatch.setattr(read_helper, "ANSWER_TIMEOUT", 0.3)
     (pid,) = shared.helper_pids
     os.kill(pid, signal.SIGSTOP)
     try:

@@ -90,8 +90,10 @@ class DensityPlan:
 
 
 # Guests' savings intervals: at least this fraction of the prediction either side
-# (analysis/fit).
-SAVED_FLOOR = 0.01
+# (analysis/fit). Guests identical to the page scatter little in a small sweep, yet a larger
+# run can differ by chance: two tiny guests that came up in the same millisecond merged 13%
+# more pages each than their four siblings (a 6-clone run 2.3% above its 1, 2, 4 line).
+SAVED_FLOOR = 0.03
 
 
 def plan(
