@@ -140,34 +140,31 @@ class VmProbe:
         if mapping != self._mapping:
             self._sync(mapping)
         head = (round(t, 3),)
+        lost: HelperLost | None = None  # the first helper failure of this tick
         asked = []
         for helper in self._helpers:  # their shares are read meanwhile, on other CPUs
             try:
                 helper.ask(head[0])
                 asked.append(helper)
-            except HelperLost:
-                pass  # answer() below fails alike
+            except HelperLost as e:
+                lost = lost or e
         out, dropped, failed = read_all(self._held, head)
-        unread: list[Key] = []
-        lost: HelperLost | None = None
-        moved = len(asked) < len(self._helpers)
+        answered = []
         for helper in asked:
             try:
                 rows, gone, bad = helper.answer()
             except HelperLost as e:
                 lost = lost or e
-                unread += helper.keys
                 continue
+            answered.append(helper)
             out += rows
             dropped += gone
             failed += bad
-        if lost is not None or moved:
-            moved = True
-            unread += [k for h in self._helpers if h not in asked for k in h.keys]
-            self._drop_helpers(lost or HelperLost("a helper could not be asked"))
+        if lost is not None:
+            unread = {k for h in self._helpers if h not in answered for k in h.keys}
+            self._drop_helpers(lost)
             self._sync(mapping)  # their guests are this process's now: read them so
-            mine = set(unread)
-            more, gone, bad = read_all([(k, f) for k, f in self._held if k in mine], head)
+            more, gone, bad = read_all([(k, f) for k, f in self._held if k in unread], head)
             out += more
             dropped += gone
             failed += bad
@@ -182,7 +179,7 @@ class VmProbe:
                 dropped.append(key)
                 continue
             out.append(head + key + tuple(values[c] for c in _VALUE_COLUMNS))
-        if self._by_path or moved:
+        if self._by_path or lost is not None:
             out.sort(key=lambda r: r[1])  # rows read some other way came last: domain order
         if dropped:
             for key in dropped:

@@ -121,8 +121,10 @@ class ReadHelper:
     def _why(self, what: str) -> str:
         """What happened, with the helper's exit status and last words if it has ended (its
         stderr is a pipe: a traceback there must not scribble over a live view)."""
-        code = self._proc.poll()
-        if code is None:
+        try:
+            # A helper whose pipe broke is exiting: a moment lets its exit status be known.
+            code = self._proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
             return f"helper {self.pid} {what}"
         said = ""
         if self._proc.stderr is not None:

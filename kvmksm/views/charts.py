@@ -372,8 +372,8 @@ def to_svg(fig: Figure, name: str, title: str) -> str:
 
 def warm_up() -> None:
     """Draw a small chart and throw it away. A process's first chart pays one-time costs
-    (numpy's and matplotlib's lazy set-up, fonts: 0.1 s of a ksm03 report's 0.36 s) that a
-    thread can pay while a run waits on the kernel. Not thread-safe with another draw: the
+    (numpy's and matplotlib's lazy set-up, fonts) that a thread can pay while a run waits on
+    the kernel. Not thread-safe with another draw: the
     caller joins that thread before drawing (kvmksm.cli)."""
 
     def build() -> Figure:
